@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine: GPU tests, kernel benchmark, environment.
+#
+# Usage: tools/gpu_check.sh [OUT_DIR]
+#   OUT_DIR: the argument, else $VOPT_RESULTS_DIR, else ./gpu-results/
+#
+# Steps (each with a timeout, each logged to OUT_DIR/<step>.log; a failed step
+# does not stop the later ones):
+#   nvidia-smi   the GPU and driver
+#   cuda-lib     use $VOPT_CUDA_LIB or a prebuilt vopt/_lib/libvopt_cuda.so,
+#                else build it with tools/build_cuda.sh
+#   python       pick the interpreter ($VOPT_PYTHON, else .venv if its torch
+#                sees a GPU, else the system python3) and make vopt importable (editable install,
+#                --no-deps, only if `import vopt.ops.axpy` fails; torch is never
+#                installed here)
+#   pytest-gpu   python -m pytest -m gpu -q tests
+#   bench        tools/bench_kernels.py --out OUT_DIR/bench_kernels.json
+#   vopt-env     python -m vopt.cli env (versions, GPU, backend availability)
+# The whole run stays under 8 minutes; a summary table (step, status, seconds)
+# comes last. Exits non-zero if any non-optional step failed.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:-${VOPT_RESULTS_DIR:-./gpu-results}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$ROOT" || exit 1
+
+START=$(date +%s)
+DEADLINE=$((START + 465))   # 8 min total, minus a margin for the summary
+unset TRITON_INTERPRET       # real GPU kernels, not the interpreter
+export ROOT OUT
+
+SUMMARY=()
+FAILED=0
+
+# run_step NAME LIMIT_S OPTIONAL(0|1) COMMAND-STRING
+run_step() {
+  local name=$1 limit=$2 optional=$3 cmd=$4
+  local now left rc status t0 t1
+  now=$(date +%s)
+  left=$((DEADLINE - now))
+  if ((left < limit)); then limit=$left; fi
+  if ((limit <= 5)); then
+    SUMMARY+=("$(printf '%-12s %-22s %6s' "$name" "SKIPPED (out of time)" 0)")
+    ((optional)) || FAILED=1
+    return
+  fi
+  echo "===== [$name] (limit ${limit}s) $cmd"
+  t0=$(date +%s)
+  timeout -k 10 "$limit" bash -c "$cmd" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  t1=$(date +%s)
+  if ((rc == 0)); then
+    status="ok"
+  elif ((rc == 124 || rc == 137)); then
+    status="TIMEOUT"
+  else
+    status="FAILED rc=$rc"
+  fi
+  if ((rc != 0)); then
+    if ((optional)); then status="$status (optional)"; else FAILED=1; fi
+  fi
+  SUMMARY+=("$(printf '%-12s %-22s %6s' "$name" "$status" $((t1 - t0)))")
+}
+
+# ---- 1. GPU ----
+run_step nvidia-smi 30 0 'nvidia-smi'
+
+# ---- 2. the CUDA library ----
+if [[ -n "${VOPT_CUDA_LIB:-}" && -f "${VOPT_CUDA_LIB}" ]]; then
+  export VOPT_CUDA_LIB
+  run_step cuda-lib 10 0 'echo "using VOPT_CUDA_LIB=$VOPT_CUDA_LIB"'
+elif [[ -f "$ROOT/vopt/_lib/libvopt_cuda.so" ]]; then
+  unset VOPT_CUDA_LIB
+  run_step cuda-lib 10 0 'echo "using prebuilt $ROOT/vopt/_lib/libvopt_cuda.so"'
+else
+  unset VOPT_CUDA_LIB
+  run_step cuda-lib 200 0 'bash tools/build_cuda.sh && test -f vopt/_lib/libvopt_cuda.so'
+fi
+
+# ---- 3. Python with vopt importable ----
+PY="${VOPT_PYTHON:-}"
+if [[ -n "$PY" ]]; then
+  :
+elif [[ -x "$ROOT/.venv/bin/python" ]] && "$ROOT/.venv/bin/python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+  PY="$ROOT/.venv/bin/python"
+else
+  PY="$(command -v python3 || command -v python || echo python3)"
+fi
+export PY
+run_step python 120 0 '
+echo "python: $PY"
+"$PY" -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())"
+if ! "$PY" -c "import vopt.ops.axpy, vopt.kernels.axpy" 2>/dev/null; then
+  echo "vopt not importable: pip install -e . --no-deps --no-build-isolation"
+  VOPT_SKIP_CUDA_BUILD=1 "$PY" -m pip install -e . --no-deps --no-build-isolation || exit 1
+fi
+"$PY" -c "import vopt.ops.axpy, vopt.kernels.axpy; from vopt import cuda_library as c; print(\"vopt imported; CUDA backend:\", c.unavailable_reason() or \"available\")"
+'
+
+# ---- 4. GPU tests ----
+run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"'
+
+# ---- 5. kernel benchmark ----
+run_step bench 150 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'
+
+# ---- 6. vopt environment report ----
+run_step vopt-env 60 0 '"$PY" -m vopt.cli env'
+
+# ---- summary ----
+{
+  echo
+  echo "===== gpu_check summary ($(( $(date +%s) - START ))s total; logs in $OUT)"
+  printf '%-12s %-22s %6s\n' step status seconds
+  printf '%s\n' "${SUMMARY[@]}"
+} | tee "$OUT/summary.txt"
+exit $FAILED

@@ -1,0 +1,75 @@
+"""LLaVA-OneVision (SigLIP + MLP projector + Qwen2): HoliTom's base model.
+
+Tiny: SigLIP 32-wide/2 layers (image 32, patch 8: 4x4 patches, pooled 2x2 per
+frame) + Qwen2 64-wide/2 layers (4 heads, 2 KV heads). Full: LLaVA-OV-7B
+(SigLIP-SO400M minus its last layer, 729 patches -> 196 tokens per frame;
+Qwen2-7B: 28 layers, 3584 wide, 28 heads / 4 KV, MLP 18944, vocab 152064).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ZooEntry, register
+from ._inputs import check_positive, prompt_ids
+
+TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+TINY_IDS = dict(image_token_index=500, video_token_index=501)
+
+FULL_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+FULL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14)
+FULL_IDS = dict(image_token_index=151646, video_token_index=151647)
+
+
+def config(size: str):
+    import transformers as T
+
+    text, vision, ids = (TINY_TEXT, TINY_VISION, TINY_IDS) if size == "tiny" else (FULL_TEXT, FULL_VISION, FULL_IDS)
+    side = vision["image_size"]
+    return T.LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", **text),
+        vision_config=dict(model_type="siglip_vision_model", **vision),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[side, side]],
+        **ids,
+    )
+
+
+def tokens_per_frame(cfg) -> int:
+    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    return math.ceil(grid / 2) ** 2
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype):
+    import transformers as T
+
+    cfg = config(size)
+    with torch.device(device):
+        model = T.LlavaOnevisionForConditionalGeneration(cfg).to(dtype)
+    default_frames = 4 if size == "tiny" else 32
+
+    def example_inputs(batch: int = 1, frames: int = default_frames, seed: int = 0) -> dict:
+        check_positive(batch=batch, frames=frames)
+        gen = torch.Generator().manual_seed(seed)
+        side = cfg.vision_config.image_size
+        n = frames * tokens_per_frame(cfg) + 1  # one newline embedding after all frames
+        ids = prompt_ids(batch, n, cfg.video_token_index, cfg.text_config.vocab_size, gen)
+        video = torch.randn(batch, frames, 3, side, side, generator=gen)
+        return {"input_ids": ids.to(device), "pixel_values_videos": video.to(device=device, dtype=dtype)}
+
+    return model, example_inputs
+
+
+register(ZooEntry(
+    name="llava-onevision",
+    paper="LLaVA-OneVision: Easy Visual Task Transfer",
+    backbone="SigLIP-SO400M + 2-layer MLP + Qwen2-7B",
+    stages=("vision_tower", "projector", "language_model"),
+    passes=("canonicalize_attention", "sdpa", "sageattention2", "vidkv", "holitom"),
+    build=build,
+))
