@@ -178,3 +178,33 @@ def test_llama_on_gpu_matches_eager():
     opt = vopt.optimize(zm.model, example_inputs=inputs)
     assert logits_diff(opt, zm.model, inputs) <= 1e-4  # GPU SDPA kernels differ from the fp32 reference by ~1e-6
     assert len(opt.report.rewritten("sdpa")) == 2
+
+
+def test_runtime_pass_runs_before_capture_and_reports(llama):
+    from vopt.pass_protocol import Match, Pass, PassKind, PassResult
+
+    class TagModules(Pass):
+        name, kind, provides = "tag_modules", PassKind.RUNTIME, frozenset({"tagged"})
+
+        def run_runtime(self, model, ctx):
+            model.vopt_tag = "seen"
+            return PassResult(self.name, "model", [Match("model", type(model).__name__, rewritten=True)])
+
+    opt = vopt.optimize(llama.model, passes=[TagModules(), "sdpa"], example_inputs=llama.example_inputs())
+    assert opt.module.eager.vopt_tag == "seen" and not hasattr(llama.model, "vopt_tag")
+    report = opt.report
+    assert [p["name"] for p in report.passes] == ["tag_modules", "sdpa"]
+    assert [r.pass_name for r in report.runtime_results] == ["tag_modules"]
+    assert report.summary()[0]["rewritten"] == 1 and "tag_modules" in str(report)
+
+
+def test_optimized_graph_re_exports_with_the_vopt_op(llama):
+    """The custom op's fake implementation lets torch.export see through it (engines build on this)."""
+    inputs = llama.example_inputs()
+    opt = vopt.optimize(llama.model, example_inputs=inputs)
+    gm = opt.stages["model"].specializations[0].gm
+    ep = torch.export.export(gm, (), inputs, strict=False)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.vopt.attention.default) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(**inputs).logits, llama.model(**inputs).logits, atol=ATOL, rtol=0)

@@ -140,7 +140,8 @@ def optimize(
 ) -> OptimizedModel:
     """Optimize ``model``; see the module docstring.
 
-    ``passes`` (names, in order) overrides ``config.passes``. With ``inplace=True``
+    ``passes`` (names or :class:`~vopt.pass_protocol.Pass` instances, in order)
+    overrides ``config.passes``. With ``inplace=True``
     the model itself is modified (its stages replaced, ``use_cache`` disabled)
     instead of a deep copy.
     """
@@ -149,11 +150,13 @@ def optimize(
     config = OptimizeConfig() if config is None else config
     if not isinstance(config, OptimizeConfig):
         raise TypeError(f"config must be an OptimizeConfig, got {type(config).__name__}")
-    if passes is not None:
-        config = dataclasses.replace(config, passes=list(passes))
     if isinstance(model, OptimizedModel):
         raise ConfigError("this model is already optimized by vopt; optimize the original model instead")
-    manager = config.pass_manager()
+    if passes is not None:
+        manager = PassManager.from_names(passes, config.pass_configs, strict=config.strict)
+        config = dataclasses.replace(config, passes=manager.names)
+    else:
+        manager = config.pass_manager()
     capture_cfg = config.capture
     if config.strict:
         capture_cfg = dataclasses.replace(capture_cfg, eager_fallback=False)
