@@ -32,7 +32,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .config import VoptConfig, config_field, register_config
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
+from .pass_protocol import StageGraph
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class CaptureConfig(VoptConfig):
 
     def validate(self) -> None:
         if self.max_specializations < 1:
-            from .errors import ConfigError
-
             raise ConfigError(f"CaptureConfig.max_specializations must be >= 1, got {self.max_specializations}")
 
 
@@ -169,8 +168,6 @@ class CapturedStage(torch.nn.Module):
                 reason = f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             else:
                 seconds = time.perf_counter() - t0
-                from .pass_protocol import StageGraph
-
                 graph = StageGraph(self.stage_name, self.role, gm, specialization=len(self._specs))
                 results = self._on_capture(graph)
                 self.graphs.append(gm)

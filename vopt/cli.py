@@ -127,11 +127,11 @@ def _max_abs_diff(a, b) -> float:
     import torch
     from torch.utils import _pytree as pytree
 
-    pairs = [(x, y) for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)) if isinstance(x, torch.Tensor)]
+    pairs = [(x, y) for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b))
+             if isinstance(x, torch.Tensor) and x.is_floating_point()]
     if not pairs:
-        raise RuntimeError("the model returned no tensor to validate")
-    return max((x.float() - y.float()).abs().max().item() for x, y in pairs if x.is_floating_point()) if any(
-        x.is_floating_point() for x, _ in pairs) else 0.0
+        raise RuntimeError("the model returned no floating-point tensor to validate")
+    return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
 
 
 def _primary(out):

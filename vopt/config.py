@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import json
 import logging
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -113,7 +114,7 @@ def config_from_dict(data: dict) -> VoptConfig:
 # ---- coercion helpers -----------------------------------------------------
 def _strip_optional(tp):
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return (rest[0] if len(rest) == 1 else tp), True
     return tp, False

@@ -23,7 +23,7 @@ from .adapters import StageRole, disable_kv_cache, find_adapter, get_path, set_p
 from .capture import CaptureConfig, CapturedStage
 from .config import VoptConfig, config_field, register_config
 from .errors import ConfigError
-from .pass_manager import INITIAL_FACTS, PassManager
+from .pass_manager import PassManager
 from .pass_protocol import PassContext
 from .report import Report
 
@@ -165,7 +165,7 @@ def optimize(
     work.eval()
     adapter = find_adapter(work, config.adapter)
     notes = disable_kv_cache(work)
-    ctx = PassContext(dry_run=config.dry_run, debug=config.debug, facts=set(INITIAL_FACTS))
+    ctx = PassContext(dry_run=config.dry_run, debug=config.debug, facts=set())
     runtime_results = manager.run_runtime(work, ctx)
     facts_after_runtime = set(ctx.facts)
 

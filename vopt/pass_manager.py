@@ -24,10 +24,6 @@ from .pass_protocol import Pass, PassContext, PassKind, PassResult, StageGraph, 
 
 log = logging.getLogger(__name__)
 
-#: Facts true before any pass runs.
-INITIAL_FACTS = frozenset({"captured"})
-
-
 def _order(passes: list) -> list:
     """Stable topological order of ``passes`` honouring ``after``/``before``."""
     names = [p.name for p in passes]
@@ -81,7 +77,7 @@ class PassManager:
                 problems.append(f"pass {p.name!r} is listed twice")
             seen.add(p.name)
         pos = {p.name: i for i, p in enumerate(self.passes)}
-        facts = set(INITIAL_FACTS)
+        facts: set = set()
         first_graph = None
         must = []  # (earlier, later) pairs from every after/before, each reported once
         for p in self.passes:
