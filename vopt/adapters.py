@@ -137,12 +137,21 @@ def adapter_names() -> list:
 
 
 def find_adapter(model: torch.nn.Module, family: Optional[str] = None) -> ModelAdapter:
-    """The adapter named ``family``, or the first whose classes match ``model`` (else generic)."""
+    """The adapter named ``family``, the one ``model`` declares, or the first whose classes match (else generic).
+
+    vopt's own model classes (the zoo's) declare their stages with a class
+    attribute ``vopt_adapter = ModelAdapter(...)``.
+    """
+    declared = getattr(type(model), "vopt_adapter", None)
     if family is not None:
+        if isinstance(declared, ModelAdapter) and declared.family == family:
+            return declared
         for a in (*ADAPTERS, GENERIC):
             if a.family == family:
                 return a
         raise UnknownNameError("adapter", family, adapter_names())
+    if isinstance(declared, ModelAdapter):
+        return declared
     for a in ADAPTERS:
         if a.matches(model):
             return a

@@ -1,17 +1,26 @@
-"""The model zoo: the models vopt serves, tiny (random weights, tests) or full-size (meta device).
+"""The model zoo: every model of the papers vopt serves, tiny (tests) or full-size (meta device).
 
-    zm = vopt.zoo.build("llava-onevision")          # tiny, CPU, float32
-    inputs = zm.example_inputs(batch=1, frames=4)    # valid inputs for it
+    zm = vopt.zoo.build("llava-onevision")           # tiny, CPU, float32, random weights
+    inputs = zm.example_inputs(batch=1, frames=4)     # valid inputs (dict of keyword inputs)
     zm.model(**inputs)
+    vopt.zoo.cost("llava-onevision")                  # full size on the meta device: params, FLOPs, KV bytes
 
 ``vopt.zoo.list()`` describes each entry. This module holds the registry and
-the API; one module per model family builds the models.
+the API; one module per model builds it (see ``_ENTRY_MODULES``).
+
+Adding an entry: write ``vopt/zoo/<name>.py`` with a ``build(size, device,
+dtype) -> ZooModel`` function and a ``register(ZooEntry(...))`` call; every
+public module of this package is an entry module (``_``-prefixed ones are
+helpers). Our own model classes declare their stages with a ``vopt_adapter``
+class attribute (:mod:`vopt.adapters`).
 """
 from __future__ import annotations
 
 import builtins
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,6 +28,66 @@ from ..errors import ConfigError, UnknownNameError
 
 SIZES = ("tiny", "full")
 DEFAULT_MODEL = "llava-onevision"
+
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    """Decoder dimensions for KV-cache bytes and the analytic ("paper") FLOP count."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_hf(cls, cfg: Any) -> "LLMDims":
+        """From an HF decoder config (Llama/Qwen2/Phi-3/...; OPT/T5 names handled too)."""
+        g = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), default)
+        hidden = g("hidden_size", "d_model")
+        heads = g("num_attention_heads", "num_heads")
+        head_dim = g("head_dim", "d_kv", default=hidden // heads)
+        return cls(
+            layers=g("num_hidden_layers", "num_decoder_layers", "num_layers"),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=g("num_key_value_heads", default=heads),
+            head_dim=head_dim,
+            intermediate=g("intermediate_size", "ffn_dim", "d_ff"),
+            vocab=g("vocab_size"),
+        )
+
+
+@dataclass
+class StageCall:
+    """One stage invocation for FLOP counting: ``module(*args, **kwargs)`` (meta tensors)."""
+
+    stage: str
+    module: torch.nn.Module
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class ZooModel:
+    """A built zoo model and what vopt needs to drive and measure it."""
+
+    name: str
+    size: str
+    model: torch.nn.Module
+    example_inputs: Callable
+    """``example_inputs(batch=1, frames=<default>, seed=0)``: a dict of keyword inputs (or a tuple of positional ones)."""
+    default_frames: int
+    generates: bool = False
+    """Whether ``model.generate`` applies (decoder LLMs)."""
+    llm: Optional[LLMDims] = None
+    visual_tokens: Optional[Callable] = None
+    """``visual_tokens(frames) -> int``: visual tokens per video entering the LLM (or fusion/decoder)."""
+    stage_calls: Optional[Callable] = None
+    """``stage_calls(batch, frames) -> [StageCall]`` on the model's device: the prefill, stage by stage."""
 
 
 @dataclass(frozen=True)
@@ -30,16 +99,8 @@ class ZooEntry:
     passes: tuple
     """Passes that apply to this model (whether or not they exist yet)."""
     build: Callable = field(repr=False, compare=False)
-    """``build(size, device, dtype) -> (model, example_inputs)``."""
-
-
-@dataclass
-class ZooModel:
-    name: str
-    size: str
-    model: torch.nn.Module
-    example_inputs: Callable
-    """``example_inputs(batch=1, frames=..., seed=0) -> dict`` of keyword inputs."""
+    """``build(size, device, dtype) -> ZooModel``."""
+    notes: str = ""
 
 
 _ENTRIES: dict = {}
@@ -51,7 +112,9 @@ def register(entry: ZooEntry) -> ZooEntry:
 
 
 def _load_entries() -> None:
-    from . import llama, llava_onevision  # noqa: F401  (each registers its entry)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def list() -> builtins.list:  # noqa: A001  (the documented name: vopt.zoo.list())
@@ -72,12 +135,19 @@ def get(name: str) -> ZooEntry:
 
 
 def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" = None, dtype: Optional[torch.dtype] = None) -> ZooModel:
-    """Build zoo model ``name``: ``size="tiny"`` (random weights) or ``"full"`` (published dims; meta device by default)."""
+    """Build zoo model ``name``: ``size="tiny"`` (random weights, CPU) or ``"full"`` (published dims, meta device)."""
     entry = get(name)
     if size not in SIZES:
         raise ConfigError(f"size={size!r} is invalid; accepted: {builtins.list(SIZES)}")
     if device is None:
         device = "meta" if size == "full" else "cpu"
     dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
-    model, example_inputs = entry.build(size, torch.device(device), dtype)
-    return ZooModel(name, size, model.eval(), example_inputs)
+    torch.manual_seed(0)  # tiny weights are reproducible across builds
+    zm = entry.build(size, torch.device(device), dtype)
+    zm.model.eval()
+    return zm
+
+
+from ._cost import Cost, cost  # noqa: E402  (cost uses the API above)
+
+__all__ = ["Cost", "LLMDims", "SIZES", "StageCall", "ZooEntry", "ZooModel", "build", "cost", "get", "list", "names", "register"]

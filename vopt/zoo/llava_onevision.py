@@ -11,8 +11,10 @@ import math
 
 import torch
 
-from . import ZooEntry, register
-from ._inputs import check_positive, prompt_ids
+from . import LLMDims, StageCall, ZooEntry, ZooModel, register
+from ._inputs import PROMPT_TEXT_TOKENS, check_positive, prompt_ids
+
+DEFAULT_FRAMES = {"tiny": 4, "full": 32}
 
 TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
@@ -45,24 +47,39 @@ def tokens_per_frame(cfg) -> int:
     return math.ceil(grid / 2) ** 2
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype):
+def build(size: str, device: torch.device, dtype: torch.dtype) -> ZooModel:
     import transformers as T
 
     cfg = config(size)
     with torch.device(device):
         model = T.LlavaOnevisionForConditionalGeneration(cfg).to(dtype)
-    default_frames = 4 if size == "tiny" else 32
+    side, per_frame = cfg.vision_config.image_size, tokens_per_frame(cfg)
 
-    def example_inputs(batch: int = 1, frames: int = default_frames, seed: int = 0) -> dict:
+    def visual_tokens(frames: int) -> int:
+        return frames * per_frame + 1  # one newline embedding after all frames
+
+    def example_inputs(batch: int = 1, frames: int = DEFAULT_FRAMES[size], seed: int = 0) -> dict:
         check_positive(batch=batch, frames=frames)
         gen = torch.Generator().manual_seed(seed)
-        side = cfg.vision_config.image_size
-        n = frames * tokens_per_frame(cfg) + 1  # one newline embedding after all frames
-        ids = prompt_ids(batch, n, cfg.video_token_index, cfg.text_config.vocab_size, gen)
+        ids = prompt_ids(batch, visual_tokens(frames), cfg.video_token_index, cfg.text_config.vocab_size, gen)
         video = torch.randn(batch, frames, 3, side, side, generator=gen)
         return {"input_ids": ids.to(device), "pixel_values_videos": video.to(device=device, dtype=dtype)}
 
-    return model, example_inputs
+    def stage_calls(batch: int, frames: int) -> list:
+        inner = model.model
+        vc, tc = cfg.vision_config, cfg.text_config
+        patches = (side // vc.patch_size) ** 2
+        seq = visual_tokens(frames) + PROMPT_TEXT_TOKENS
+        new = lambda *shape: torch.empty(*shape, device=device, dtype=dtype)
+        return [
+            StageCall("vision_tower", inner.vision_tower, (new(batch * frames, 3, side, side),)),
+            StageCall("projector", inner.multi_modal_projector, (new(batch * frames, patches, vc.hidden_size),)),
+            StageCall("language_model", inner.language_model, kwargs={"inputs_embeds": new(batch, seq, tc.hidden_size), "use_cache": False}),
+            StageCall("lm_head", model.lm_head, (new(batch, 1, tc.hidden_size),)),  # generation keeps the last position's logits
+        ]
+
+    return ZooModel("llava-onevision", size, model, example_inputs, DEFAULT_FRAMES[size], generates=True,
+                    llm=LLMDims.from_hf(cfg.text_config), visual_tokens=visual_tokens, stage_calls=stage_calls)
 
 
 register(ZooEntry(
