@@ -70,6 +70,9 @@ def cost(name: str, size: str = "full", *, batch: int = 1, frames: Optional[int]
     from . import build
 
     zm = build(name, size, device="meta", dtype=dtype)
+    # A view of a parameter passed on under no_grad trips FlopCounterMode's autograd
+    # bookkeeping; nothing here needs gradients (the model is this function's own).
+    zm.model.requires_grad_(False)
     frames = zm.default_frames if frames is None else frames
     result = Cost(model=name, size=size, batch=batch, frames=frames, dtype=str(dtype).removeprefix("torch."),
                   params=sum(p.numel() for p in zm.model.parameters()), params_per_stage=_stage_params(zm))
