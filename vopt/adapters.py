@@ -12,7 +12,7 @@ forward exports whole (a plain HF causal LM, a custom ``nn.Module``).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -117,6 +117,16 @@ ADAPTERS: tuple = (
             ("language_model", StageRole.LANGUAGE, "language_model"),
         ),
         "CLIP video/image towers -> MLP projector -> Llama LM",
+    ),
+    ModelAdapter(
+        "idefics3",
+        ("Idefics3ForConditionalGeneration", "Idefics3Model"),
+        _stages(
+            ("vision_model", StageRole.VISION, "vision_model"),
+            ("connector", StageRole.PROJECTOR, "connector"),
+            ("text_model", StageRole.LANGUAGE, "text_model"),
+        ),
+        "SigLIP (NaViT buckets) -> pixel-shuffle connector -> Llama; padding-image filter and placeholder merge are glue",
     ),
     ModelAdapter(
         "qwen2_vl",

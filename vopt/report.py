@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .pass_protocol import PassResult
 
 
 def _fmt_count(x: float) -> str:
