@@ -89,7 +89,7 @@ def test_build_module_attr(tmp_path):
 @pytest.mark.parametrize(
     "args, code, text",
     [
-        (["build", "no-such-model"], 2, "unknown zoo model 'no-such-model'; accepted: llama, llava-onevision"),
+        (["build", "no-such-model"], 2, "unknown zoo model 'no-such-model'; accepted: e-vilm, gpt4scene, llama, llava-onevision"),
         (["build", "llama", "--passes", "sdpa,canonicalize_attention"], 2, "must run before"),
         (["build", "llama", "--passes", "sdpaa"], 2, "unknown pass 'sdpaa'"),
         (["build", "llama", "--config", "/nonexistent.json"], 2, "no such file"),

@@ -156,7 +156,7 @@ def test_minicpm_errors(minicpm):
     with pytest.raises(ConfigError, match="frames"):
         minicpm.example_inputs(frames=0)
     inputs = minicpm.example_inputs(frames=2)
-    with pytest.raises(ValueError, match="slot ids"):
+    with pytest.raises(ValueError, match="placeholders"):
         minicpm.model(inputs["input_ids"], torch.cat([inputs["pixel_values_videos"]] * 2, dim=1))
     with pytest.raises(ValueError, match="pixel_values_videos"):
         minicpm.model(inputs["input_ids"], inputs["pixel_values_videos"][0])

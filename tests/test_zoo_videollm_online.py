@@ -116,7 +116,7 @@ def test_errors(tiny):
     with pytest.raises(ConfigError, match="frames"):
         tiny.example_inputs(frames=0)
     inputs = tiny.example_inputs(frames=2)
-    with pytest.raises(ValueError, match="frame placeholders"):
+    with pytest.raises(ValueError, match="placeholders"):
         m(inputs["input_ids"], torch.cat([inputs["pixel_values_videos"]] * 2, dim=1))
     with pytest.raises(ValueError, match="pixel_values_videos"):
         m(inputs["input_ids"], inputs["pixel_values_videos"][0])

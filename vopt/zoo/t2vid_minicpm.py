@@ -21,12 +21,12 @@ layers (image 56, patch 14: 16 patches), resampler 8 queries / 4 heads, Llama
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
 
 from . import LLMDims, StageCall, ZooEntry, ZooModel, register
+from ._spliced_lm import SplicedVideoLM
 from ._inputs import PROMPT_TEXT_TOKENS, check_positive
 from .t2vid import frame_prompt_ids
 from ..adapters import ModelAdapter, StageRole, StageSpec
@@ -94,7 +94,7 @@ class Resampler(nn.Module):
         return self.ln_post(out) @ self.proj
 
 
-class MiniCPMV(nn.Module):
+class MiniCPMV(SplicedVideoLM):
     """SigLIP -> :class:`Resampler` per frame -> Llama, the frames' tokens spliced into the slot ids (glue).
 
     ``forward(input_ids, pixel_values_videos [B, T, 3, H, W], attention_mask=None) -> logits [B, L, vocab]``.
@@ -129,28 +129,9 @@ class MiniCPMV(nn.Module):
         patches = self.vision(pixel_values=pixel_values_videos.flatten(0, 1)).last_hidden_state
         return self.resampler(patches).reshape(b, t * self.resampler.num_queries, -1)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        embeds = self.language_model.get_input_embeddings()(input_ids)
-        feats = self.video_features(pixel_values_videos).to(embeds.dtype)
-        is_slot = input_ids == self.slot_token_id
-        if not torch.compiler.is_compiling() and int(is_slot.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"input_ids hold {int(is_slot.sum())} slot ids ({self.slot_token_id}) but the frames give "
-                             f"{feats.shape[0]} x {feats.shape[1]} resampler tokens")
-        return embeds.masked_scatter(is_slot.unsqueeze(-1), feats)
-
-    def forward(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Generation from the spliced embeddings; returns the new token ids only."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+    @property
+    def placeholder_id(self) -> int:
+        return self.slot_token_id
 
 
 def check_frames(frames: int) -> None:

@@ -16,13 +16,12 @@ LLaVA classes). Stages: vision, projector, language_model.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
-from torch import nn
 
 from . import LLMDims, StageCall, ZooEntry, ZooModel, register
 from ._ccam_projector import CCAMProjector
+from ._spliced_lm import SplicedVideoLM
 from ._inputs import PROMPT_TEXT_TOKENS, check_positive, prompt_ids
 from ..adapters import ModelAdapter, StageRole, StageSpec
 
@@ -47,7 +46,7 @@ FULL_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 FULL_VIDEO_TOKEN = 151665
 
 
-class VideoCCAM(nn.Module):
+class VideoCCAM(SplicedVideoLM):
     """SigLIP vision tower -> :class:`CCAMProjector` -> causal LM, with placeholder splicing as glue.
 
     ``forward(input_ids, pixel_values_videos [B, T, 3, H, W], attention_mask=None) -> logits [B, L, vocab]``:
@@ -89,29 +88,9 @@ class VideoCCAM(nn.Module):
         feats = out.hidden_states[VISION_FEATURE_LAYER]                               # [B*T, P, C]
         return self.projector(feats.reshape(b, t, *feats.shape[1:]))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the video placeholders replaced by projector tokens."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)
-        feats = self.video_features(pixel_values_videos).to(embeds.dtype)
-        is_video = input_ids == self.video_token_id
-        if not torch.compiler.is_compiling() and int(is_video.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"input_ids hold {int(is_video.sum())} video placeholders (id {self.video_token_id}) but the "
-                             f"videos give {feats.shape[0]} x {feats.shape[1]} projector tokens")
-        return embeds.masked_scatter(is_video.unsqueeze(-1), feats)
-
-    def forward(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Greedy/sampled generation from the spliced embeddings; returns the new token ids only."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+    @property
+    def placeholder_id(self) -> int:
+        return self.video_token_id
 
 
 def configs(size: str):

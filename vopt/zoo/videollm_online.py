@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import LLMDims, StageCall, ZooEntry, ZooModel, register
+from ._spliced_lm import SplicedVideoLM
 from ._inputs import PROMPT_TEXT_TOKENS, check_positive
 from ..adapters import ModelAdapter, StageRole, StageSpec
 
@@ -51,7 +52,7 @@ FULL_TEXT = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 FULL_STREAM = dict(pool=3, interval_token_id=11)
 
 
-class VideoLLMOnline(nn.Module):
+class VideoLLMOnline(SplicedVideoLM):
     """SigLIP -> (CLS + pooled patches: glue) -> connector MLP -> Llama, offline and streaming.
 
     The frame placeholder id is ``vocab_size`` (one past the embedding table,
@@ -98,37 +99,21 @@ class VideoLLMOnline(nn.Module):
         pooled = F.adaptive_avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)
         return self.connector(torch.cat([out.pooler_output[:, None], pooled], dim=1))
 
-    def _embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def placeholder_id(self) -> int:
+        return self.frame_token_id
+
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``input_ids``, the ``<v>`` id (one past the table) clamped to a valid row."""
         table = self.language_model.get_input_embeddings()
         return table(input_ids.clamp(max=table.num_embeddings - 1))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the frame placeholders replaced by the frames' tokens, in order."""
+    def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """``[B, T, 3, H, W]`` -> ``[B, T * tokens_per_frame, width]``, frame by frame in order."""
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be [batch, frames, 3, H, W], got {tuple(pixel_values_videos.shape)}")
-        embeds = self._embed_ids(input_ids)
         b, t = pixel_values_videos.shape[:2]
-        feats = self.frame_embeddings(pixel_values_videos.flatten(0, 1)).reshape(b, t * self.tokens_per_frame, -1)
-        is_frame = input_ids == self.frame_token_id
-        if not torch.compiler.is_compiling() and int(is_frame.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"input_ids hold {int(is_frame.sum())} frame placeholders (id {self.frame_token_id}) but the "
-                             f"frames give {feats.shape[0]} x {feats.shape[1]} tokens")
-        return embeds.masked_scatter(is_frame.unsqueeze(-1), feats.to(embeds.dtype))
-
-    def forward(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Offline: the whole stream in one prefill; ``logits [B, L, vocab]``."""
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """HF generation after an offline prefill; returns the new token ids only."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed(input_ids, pixel_values_videos)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        return self.frame_embeddings(pixel_values_videos.flatten(0, 1)).reshape(b, t * self.tokens_per_frame, -1)
 
     # ---- streaming -------------------------------------------------------------------------------------------
 
@@ -149,13 +134,13 @@ class VideoLLMOnline(nn.Module):
     @torch.no_grad()
     def prefill_ids(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """Prefill text ids (e.g. the system prompt or a user turn) onto ``cache``."""
-        return self.extend(self._embed_ids(input_ids), cache)
+        return self.extend(self.embed_ids(input_ids), cache)
 
     @torch.no_grad()
     def prefill_frame(self, frame: torch.Tensor, cache) -> torch.Tensor:
         """Prefill one frame ``[B, 3, H, W]`` as ``[interval id, frame tokens]`` onto ``cache``."""
         interval = torch.full((frame.shape[0], 1), self.interval_token_id, dtype=torch.long, device=frame.device)
-        embeds = torch.cat([self._embed_ids(interval), self.frame_embeddings(frame)], dim=1)
+        embeds = torch.cat([self.embed_ids(interval), self.frame_embeddings(frame)], dim=1)
         return self.extend(embeds, cache)
 
     def stream(self, frames: "Iterable[torch.Tensor] | torch.Tensor", cache) -> Iterator[torch.Tensor]:
@@ -187,7 +172,7 @@ class VideoLLMOnline(nn.Module):
             out.append(token)
             if eos is not None and bool((token == eos).all()):
                 break
-            logits = self.extend(self._embed_ids(token), cache)
+            logits = self.extend(self.embed_ids(token), cache)
         return torch.cat(out, dim=1)
 
 
