@@ -236,7 +236,7 @@ def cmd_list(args) -> int:
 
     passes = registered_passes()
     data = {
-        "models": [{"name": e.name, "paper": e.paper, "backbone": e.backbone, "stages": list(e.stages),
+        "models": [{"name": e.name, "paper": e.paper, "backbone": e.backbone, "stages": list(e.stages), "notes": e.notes,
                     "passes": [{"name": p, "available": p in passes} for p in e.passes]} for e in zoo.list()],
         "passes": [{"name": n, "kind": c.kind.value, "default": c.default, "summary": c.summary} for n, c in passes.items()],
         "adapters": [{"family": a.family, "classes": list(a.model_classes), "stages": [s.name for s in a.stages]} for a in (*ADAPTERS, GENERIC)],
