@@ -98,6 +98,11 @@ class GroundingQuery(str, Enum):
     MOVE = "move"
 
 
+def words(token_ids) -> str:
+    """Token ids of ``VOCAB`` as space-separated text."""
+    return " ".join(ID_TO_WORD[i] for i in token_ids)
+
+
 @dataclass
 class VideoQASample:
     """One clip, its question and answer. ``video`` is ``[T, 3, H, W]`` float32 in ``[0, 1]``."""
@@ -112,7 +117,7 @@ class VideoQASample:
     @property
     def question(self) -> str:
         """The question as text."""
-        return " ".join(ID_TO_WORD[i] for i in self.question_tokens)
+        return words(self.question_tokens)
 
 
 @dataclass
@@ -135,7 +140,7 @@ class GroundingSample:
     @property
     def question(self) -> str:
         """The question as text."""
-        return " ".join(ID_TO_WORD[i] for i in self.question_tokens)
+        return words(self.question_tokens)
 
 
 @dataclass
