@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels"],
     package_dir={"vopt": "vopt", "vopt.passes": "passes", "vopt.kernels": "kernels"},
-    package_data={"vopt": ["_lib/*.so"]},
+    package_data={"vopt": ["_lib/*.so"], "vopt.zoo": ["weights/*.safetensors", "weights/*.json"]},
     # Lower bounds: the versions verified here (torch 2.13.0 CPU, triton 3.9.0,
     # transformers 5.24.0) and the GPU machines' stated stack (torch 2.11,
     # triton 3.6, transformers 5.17). transformers 5 is required (the `cache`

@@ -15,6 +15,7 @@ from vopt.capture import CapturedStage
 from vopt.errors import CaptureError, ConfigError
 
 ATOL = 1e-5
+RTOL = 1e-5  # exact passes differ from eager only by fp32 summation order (~1e-6 of the logits' magnitude)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,17 @@ def llava():
     return zoo.build("llava-onevision")
 
 
-def logits_diff(a, b, inputs):
+def logits_error(a, b, inputs, atol=ATOL):
+    """max |a - b| of the logits over the allowed ``atol + RTOL * max |b|``: <= 1 passes."""
     with torch.no_grad():
-        return (a(**inputs).logits - b(**inputs).logits).abs().max().item()
+        ref = b(**inputs).logits
+        return (a(**inputs).logits - ref).abs().max().item() / (atol + RTOL * ref.abs().max().item())
 
 
 def test_llama_logits_match_and_report(llama):
     inputs = llama.example_inputs()
     opt = vopt.optimize(llama.model, example_inputs=inputs)
-    assert logits_diff(opt, llama.model, inputs) <= ATOL
+    assert logits_error(opt, llama.model, inputs) <= 1
     report = opt.report
     rewritten = report.rewritten("sdpa")
     assert [m.where for m in rewritten] == [
@@ -56,19 +59,19 @@ def test_llama_logits_match_and_report(llama):
 def test_llava_onevision_stages_logits_and_report(llava):
     inputs = llava.example_inputs(frames=4)
     opt = vopt.optimize(llava.model, example_inputs=inputs)
-    assert logits_diff(opt, llava.model, inputs) <= ATOL
+    assert logits_error(opt, llava.model, inputs) <= 1
     events = {ev.stage: ev for ev in opt.report.stage_events}
     assert set(events) == {"vision_tower", "projector", "language_model"}
     assert all(ev.exported for ev in events.values())
     where = [m.where for m in opt.report.rewritten("sdpa")]
     assert sum(w.startswith("vision_tower:encoder.layers.") for w in where) == 2
-    assert sum(w.startswith("language_model:layers.") for w in where) == 2
+    assert sum(w.startswith("language_model:layers.") for w in where) == 4
     # SigLIP's pooling head is nn.MultiheadAttention: canonicalized, then rewritten too.
     assert [m.where.split("/")[0] for m in opt.report.rewritten("canonicalize_attention")] == ["vision_tower:head.attention"]
-    assert len(where) == 5
+    assert len(where) == 7
     # A new input signature (more frames) is captured as a second specialization and still exact.
     more = llava.example_inputs(frames=2, seed=1)
-    assert logits_diff(opt, llava.model, more) <= ATOL
+    assert logits_error(opt, llava.model, more) <= 1
     assert len(opt.stages["vision_tower"].specializations) == 2
 
 
@@ -116,7 +119,7 @@ def test_strict_mode_refuses_eager_fallback(llava):
 def test_max_specializations_falls_back_with_reason(llama):
     cfg = vopt.OptimizeConfig(capture=vopt.CaptureConfig(max_specializations=1))
     opt = vopt.optimize(llama.model, cfg, example_inputs=llama.example_inputs(seq_len=5))
-    assert logits_diff(opt, llama.model, llama.example_inputs(seq_len=7)) <= ATOL
+    assert logits_error(opt, llama.model, llama.example_inputs(seq_len=7)) <= 1
     reasons = [ev.reason for ev in opt.report.stage_events if not ev.exported]
     assert reasons == ["max_specializations=1 reached"]
 
@@ -176,7 +179,7 @@ def test_llama_on_gpu_matches_eager():
     zm = zoo.build("llama", device="cuda")
     inputs = zm.example_inputs()
     opt = vopt.optimize(zm.model, example_inputs=inputs)
-    assert logits_diff(opt, zm.model, inputs) <= 1e-4  # GPU SDPA kernels differ from the fp32 reference by ~1e-6
+    assert logits_error(opt, zm.model, inputs, atol=1e-4) <= 1  # GPU SDPA kernels differ from the fp32 reference by ~1e-6
     assert len(opt.report.rewritten("sdpa")) == 2
 
 

@@ -2,7 +2,7 @@
 
 The matrix test runs every tiny model through forward (+ generate where it
 applies), ``vopt.optimize`` with the default passes, and checks the optimized
-outputs equal eager within 1e-5 (float32; the shipped passes are exact). Add
+outputs equal eager within 1e-5 + 1e-5 x max|output| (float32; the shipped passes are exact). Add
 new passes to ``PASS_SETS`` as they land.
 """
 import math
@@ -18,6 +18,7 @@ from vopt.errors import ConfigError, UnknownNameError
 NAMES = zoo.names()
 PASS_SETS = {"default": None, "sdpa-only": ["sdpa"]}
 ATOL = 1e-5
+RTOL = 1e-5  # exact passes differ from eager only by fp32 summation order (~1e-6 of the output's magnitude)
 
 
 def float_leaves(out):
@@ -42,7 +43,7 @@ def test_tiny_forward_capture_optimize(name, passes):
     assert ref_leaves and len(ref_leaves) == len(got_leaves)
     for r, g in zip(ref_leaves, got_leaves):
         assert r.shape == g.shape
-        assert (r - g).abs().max().item() <= ATOL
+        assert (r - g).abs().max().item() <= ATOL + RTOL * r.abs().max().item()
     report = opt.report
     assert report.stage_events, "no stage was captured"
     for ev in report.stage_events:

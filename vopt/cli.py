@@ -123,7 +123,8 @@ def config_from_args(args):
 
 
 # ---- commands -------------------------------------------------------------------
-def _max_abs_diff(a, b) -> float:
+def _max_abs_diff(a, b) -> tuple:
+    """``(max |a - b|, max |b|)`` over the floating-point leaves of two outputs."""
     import torch
     from torch.utils import _pytree as pytree
 
@@ -131,7 +132,8 @@ def _max_abs_diff(a, b) -> float:
              if isinstance(x, torch.Tensor) and x.is_floating_point()]
     if not pairs:
         raise RuntimeError("the model returned no floating-point tensor to validate")
-    return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
+    diff = max((x.float() - y.float()).abs().max().item() for x, y in pairs)
+    return diff, max(y.float().abs().max().item() for _, y in pairs)
 
 
 def _primary(out):
@@ -167,11 +169,13 @@ def cmd_build(args) -> int:
     with torch.no_grad():
         ref = model(*a, **kw)
         got = opt(*a, **kw)
-        diff = _max_abs_diff(_primary(got), _primary(ref))
+        diff, ref_max = _max_abs_diff(_primary(got), _primary(ref))
         eager_ms = _median_ms(lambda: model(*a, **kw))
         opt_ms = _median_ms(lambda: opt(*a, **kw))
-    ok = diff <= args.atol
-    opt.set_validation({"max_abs_diff": f"{diff:.3g}", "atol": args.atol, "passed": ok,
+    bound = args.atol + args.rtol * ref_max
+    ok = diff <= bound
+    opt.set_validation({"max_abs_diff": f"{diff:.3g}", "atol": args.atol, "rtol": args.rtol,
+                        "bound": f"{bound:.3g}", "passed": ok,
                         "eager_ms": f"{eager_ms:.2f}", "optimized_ms": f"{opt_ms:.2f}", "timing": "CPU wall clock, median of 5"})
     report = opt.report
     if args.json:
@@ -179,7 +183,8 @@ def cmd_build(args) -> int:
     else:
         print(report.table())
         print(f"\nbefore: eager {eager_ms:.2f} ms   after: optimized {opt_ms:.2f} ms   (median of 5, {_device_of(model)})")
-        print(f"validation: max |optimized - eager| = {diff:.3g} (atol {args.atol:g}): {'PASS' if ok else 'FAIL'}")
+        print(f"validation: max |optimized - eager| = {diff:.3g} (bound atol {args.atol:g} + rtol {args.rtol:g} "
+              f"x max|eager| {ref_max:.3g} = {bound:.3g}): {'PASS' if ok else 'FAIL'}")
     if out_dir is not None:
         _write_outputs(out_dir, name, config, report)
         print(f"wrote {out_dir}/report.json and {out_dir}/manifest.json", file=sys.stderr)
@@ -340,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="write report.json and manifest.json here")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     p.add_argument("--atol", type=float, default=1e-5,
-                   help="max |optimized - eager| allowed on the primary output (default 1e-5: exact passes in float32)")
+                   help="absolute part of the allowed max |optimized - eager| on the primary output (default 1e-5)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="relative part, times max |eager| (default 1e-5: exact passes in float32 differ from eager "
+                        "only by summation order, ~1e-6 of the output's magnitude)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("explain", help="show what each pass would match and do, without rewriting",

@@ -9,7 +9,8 @@ normalisation ``(x - 0.5) / 0.5`` (values in ``[-1, 1]``) unless ``normalize=Fal
 
 Question types (:class:`QuestionType`), each with a 4-word answer vocabulary (uniform chance 1/4):
 
-* ``moved_left``: "which colour moved left ?" -- 2-3 shapes; exactly one moves left, the others move right or stay.
+* ``moved_left``: "which colour moved left ?" -- 2-3 shapes; exactly one moves left, the others move right or stay
+  (2-3 pixels per frame: a quarter of a pooled 16-pixel visual token over a step, enough for a tiny model to see).
   Answer: a colour. A guess among the colours on screen scores 1/(number of shapes), 5/12 on average.
 * ``appeared_first``: "which colour appeared first ?" -- 2-3 static shapes appear at distinct frames >= 1 and stay;
   the first frame is empty, the last shows them all. Answer: a colour.
@@ -52,6 +53,8 @@ COLOURS = types.MappingProxyType({
 })
 COLOUR_NAMES = tuple(COLOURS)
 BLINK_ANSWERS = ("0", "1", "2", "3")
+#: Frame-number words: a grounding answer is "<start frame> <end frame>" (inclusive; clips have <= 8 frames).
+FRAME_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7")
 
 _SPECIAL = ("<pad>", "<bos>")
 _WORDS = ("which", "colour", "moved", "left", "appeared", "first", "how", "many", "times", "did", "the", "shape",
@@ -59,7 +62,8 @@ _WORDS = ("which", "colour", "moved", "left", "appeared", "first", "how", "many"
 
 #: The task's token vocabulary: word -> id. Ids are small (< 64), far below the tiny model's vocab (512) and its
 #: image/video placeholders (500/501), which are never emitted.
-VOCAB = types.MappingProxyType({w: i for i, w in enumerate(_SPECIAL + _WORDS + COLOUR_NAMES + BLINK_ANSWERS)})
+VOCAB = types.MappingProxyType({w: i for i, w in enumerate(
+    _SPECIAL + _WORDS + COLOUR_NAMES + BLINK_ANSWERS + FRAME_WORDS[len(BLINK_ANSWERS):])})
 #: Id -> word.
 ID_TO_WORD = types.MappingProxyType({i: w for w, i in VOCAB.items()})
 PAD_ID = VOCAB["<pad>"]
@@ -141,6 +145,14 @@ class GroundingSample:
     def question(self) -> str:
         """The question as text."""
         return words(self.question_tokens)
+
+    @property
+    def answer_tokens(self) -> list:
+        """The answer a model is trained to emit: ``[<start frame word>, <end frame word>]``."""
+        if max(self.frames) >= len(FRAME_WORDS):
+            raise ConfigError(f"grounding answers are frame words 0..{len(FRAME_WORDS) - 1}; this clip's span "
+                              f"{self.frames} needs more (make the split with frames <= {len(FRAME_WORDS)})")
+        return [VOCAB[FRAME_WORDS[f]] for f in self.frames]
 
 
 @dataclass
@@ -242,7 +254,7 @@ def _moved_left(rng, answer: int, frames, height, width):
     shapes, velocities = [], {}
     for colour, lane in zip(colours, lanes):
         s = _new_shape(rng, int(lane), frames, height, width)
-        speed = int(rng.integers(1, 3))
+        speed = int(rng.integers(2, 4))
         velocity = -speed if colour == answer else (speed if rng.random() < 0.5 else 0)
         _set_motion(s, velocity, width)
         s.colours = [colour] * frames
@@ -393,7 +405,7 @@ def _grounding_clip(rng, query: GroundingQuery, frames: int, height: int, width:
         if query is GroundingQuery.APPEAR:
             s.colours = [colour if start <= t <= stop else None for t in range(frames)]
         else:                                       # visible throughout, moving only from frame start to stop
-            speed = int(rng.integers(1, 3)) * (1 if rng.random() < 0.5 else -1)
+            speed = int(rng.integers(2, 4)) * (1 if rng.random() < 0.5 else -1)
             _set_motion(s, speed, width, start, stop)
             s.colours = [colour] * frames
         shapes.append(s)
@@ -407,7 +419,7 @@ def make_grounding_split(name: str, n: int, seed: int = 0, fps: float = 1.0, fra
     """``n`` :class:`GroundingSample` of split ``name``: queries alternate "appear" / "move".
 
     For "appear" the target shape is visible exactly during its span (others have their own spans); for "move" it is
-    visible throughout and moves (1-2 pixels per frame, wrapping) from ``start_frame`` to ``end_frame``.
+    visible throughout and moves (2-3 pixels per frame, wrapping) from ``start_frame`` to ``end_frame``.
     """
     _check_common(name, n, seed, frames, height, width, min_frames=2)
     if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:

@@ -101,6 +101,8 @@ class ZooEntry:
     build: Callable = field(repr=False, compare=False)
     """``build(size, device, dtype) -> ZooModel``."""
     notes: str = ""
+    weights: Optional[str] = None
+    """Trained tiny weights shipped in ``vopt/zoo/weights/`` (a safetensors file name), or None."""
 
 
 _ENTRIES: dict = {}
@@ -134,20 +136,53 @@ def get(name: str) -> ZooEntry:
     return _ENTRIES[name]
 
 
-def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" = None, dtype: Optional[torch.dtype] = None) -> ZooModel:
-    """Build zoo model ``name``: ``size="tiny"`` (random weights, CPU) or ``"full"`` (published dims, meta device)."""
+def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" = None,
+          dtype: Optional[torch.dtype] = None, pretrained: Optional[bool] = None) -> ZooModel:
+    """Build zoo model ``name``: ``size="tiny"`` (CPU) or ``"full"`` (published dims, meta device).
+
+    Tiny models whose entry ships trained weights (``ZooEntry.weights``; today the default model, trained on
+    :mod:`vopt.eval.video_task` by ``tools/train_video_qa.py``) load them unless ``pretrained=False``; the others
+    get seeded random weights (the same on every build). ``pretrained=True`` on an entry without weights, or with
+    ``size="full"``, is an error.
+    """
     entry = get(name)
     if size not in SIZES:
         raise ConfigError(f"size={size!r} is invalid; accepted: {builtins.list(SIZES)}")
+    if pretrained and (size != "tiny" or entry.weights is None):
+        shipped = [e.name for e in list() if e.weights]
+        raise ConfigError(f"pretrained=True: zoo model {name!r} (size={size!r}) has no trained weights; "
+                          f"trained tiny weights ship for {shipped}")
+    if pretrained is None:
+        pretrained = size == "tiny" and entry.weights is not None
     if device is None:
         device = "meta" if size == "full" else "cpu"
     dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
-    torch.manual_seed(0)  # tiny weights are reproducible across builds
-    zm = entry.build(size, torch.device(device), dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random tiny weights are reproducible across builds; the caller's RNG is untouched
+        zm = entry.build(size, torch.device(device), dtype)
+    if pretrained:
+        load_weights(zm.model, weights_path(entry))
     zm.model.eval()
     return zm
 
 
+def weights_path(entry: ZooEntry) -> str:
+    """The file of ``entry``'s shipped tiny weights."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", entry.weights)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a safetensors state dict into ``model`` (strict: every key must match), keeping the model's dtype."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    first = next(model.parameters())
+    state = {k: v.to(dtype=first.dtype, device=first.device) for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
 from ._cost import Cost, cost  # noqa: E402  (cost uses the API above)
 
-__all__ = ["Cost", "LLMDims", "SIZES", "StageCall", "ZooEntry", "ZooModel", "build", "cost", "get", "list", "names", "register"]
+__all__ = ["Cost", "LLMDims", "SIZES", "StageCall", "ZooEntry", "ZooModel", "build", "cost", "load_weights", "get", "list", "names", "register"]

@@ -1,7 +1,9 @@
 """LLaVA-OneVision (SigLIP + MLP projector + Qwen2): HoliTom's base model.
 
-Tiny: SigLIP 32-wide/2 layers (image 32, patch 8: 4x4 patches, pooled 2x2 per
-frame) + Qwen2 64-wide/2 layers (4 heads, 2 KV heads). Full: LLaVA-OV-7B
+Tiny: SigLIP 64-wide/2 layers (image 32, patch 8: 4x4 patches, pooled 2x2 per
+frame) + Qwen2 128-wide/4 layers (4 heads, 2 KV heads, head_dim 32), with the
+weights ``tools/train_video_qa.py`` trained on :mod:`vopt.eval.video_task`
+(``vopt/zoo/weights/``; ``pretrained=False`` gives seeded random weights). Full: LLaVA-OV-7B
 (SigLIP-SO400M minus its last layer, 729 patches -> 196 tokens per frame;
 Qwen2-7B: 28 layers, 3584 wide, 28 heads / 4 KV, MLP 18944, vocab 152064).
 """
@@ -16,9 +18,9 @@ from ._inputs import PROMPT_TEXT_TOKENS, check_positive, prompt_ids
 
 DEFAULT_FRAMES = {"tiny": 4, "full": 32}
 
-TINY_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY_TEXT = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 TINY_IDS = dict(image_token_index=500, video_token_index=501)
 
 FULL_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -89,4 +91,6 @@ register(ZooEntry(
     stages=("vision_tower", "projector", "language_model"),
     passes=("canonicalize_attention", "sdpa", "sageattention2", "vidkv", "holitom"),
     build=build,
+    weights="llava-onevision-tiny.safetensors",
+    notes="tiny: trained on vopt.eval.video_task (tools/train_video_qa.py); pretrained=False for random weights",
 ))
