@@ -94,6 +94,14 @@ def test_optimized_model_exported_stages_hide_their_layers(base, samples):
     assert no_hooks(base) and no_hooks(opt.module)
 
 
+def test_model_captured_ahead_with_example_inputs(base, samples):
+    """Exported stages refuse .eval()/.train(): compare must still run (it sets the mode flags directly)."""
+    zm = zoo.build("llava-onevision", pretrained=False)
+    opt = vopt.optimize(base, passes=["sdpa"], example_inputs=zm.example_inputs())
+    c = vopt.eval.compare(base, opt, samples=samples)
+    assert c.agreement == 1.0 and c.kl_max < 1e-6
+
+
 def test_stages_false_reports_logits_only(base, samples):
     c = vopt.eval.compare(base, base, samples=samples[:4], stages=False)
     assert list(c.stages) == ["logits"] and not c.unobserved and c.agreement == 1.0

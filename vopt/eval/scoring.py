@@ -190,12 +190,16 @@ def qa_samples(split: str, n: int, seed: int, frames: int, samples: Optional[Seq
 
 @contextlib.contextmanager
 def inference(model):
-    """``torch.no_grad()`` with ``model`` in eval mode; every submodule's train/eval flag is restored on exit."""
+    """``torch.no_grad()`` with ``model`` in eval mode; every submodule's train/eval flag is restored on exit.
+
+    The flags are set directly rather than with ``model.eval()``: a stage captured by ``torch.export`` refuses
+    ``.train()``/``.eval()`` calls, and an exported graph's behaviour is fixed at capture time anyway.
+    """
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     flags = [m.training for m in modules]
     try:
-        if modules:
-            model.eval()
+        for m in modules:
+            m.training = False
         with torch.no_grad():
             yield
     finally:
