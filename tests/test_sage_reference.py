@@ -32,14 +32,7 @@ from vopt.ops.sage_reference import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The reference issues many tiny matmuls; on a shared 2-core box intra-op threading makes each
-    # one ~8 ms instead of ~0.02 ms. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the references' tiny matmuls
 
 
 def exact(q, k, v, **kw):

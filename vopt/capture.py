@@ -168,7 +168,9 @@ class CapturedStage(torch.nn.Module):
                 reason = f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             else:
                 seconds = time.perf_counter() - t0
-                graph = StageGraph(self.stage_name, self.role, gm, specialization=len(self._specs))
+                graph = StageGraph(
+                    self.stage_name, self.role, gm, specialization=len(self._specs), example_inputs=(args, kwargs)
+                )
                 results = self._on_capture(graph)
                 self.graphs.append(gm)
                 self._specs.append(Specialization(key, signature, gm, seconds))

@@ -112,6 +112,11 @@ class StageGraph:
     role: str
     gm: "torch.fx.GraphModule"
     specialization: int = 0
+    example_inputs: Optional[tuple] = None
+    """``(args, kwargs)`` of the real call that triggered this capture (``None`` when unknown).
+
+    For passes that calibrate on real activations (``sageattention2`` adaptive mode); they
+    must not modify these tensors."""
 
 
 class Pass:
