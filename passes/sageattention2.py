@@ -270,6 +270,20 @@ def calibrate(inputs: dict, candidates, min_cos: float, max_rel_l1: float) -> tu
     return "exact", tried
 
 
+def _padding_note(head_dim: Optional[int], choice: str) -> str:
+    """The head_dim padding the Triton kernel would do for this site, as a report note ("" if none)."""
+    if head_dim is None or choice != sage_op.DEFAULT_PRESET:
+        return ""
+    try:
+        from vopt.kernels.sage_attention import padded_head_dim
+    except ImportError:  # triton missing: no Triton kernel, no padding
+        return ""
+    padded = padded_head_dim(head_dim)
+    if padded == head_dim:
+        return ""
+    return f"; Triton pads head_dim {head_dim} -> {padded}: {1 - head_dim / padded:.0%} of the QK work wasted"
+
+
 # ---- the pass --------------------------------------------------------------------------
 
 
@@ -358,6 +372,7 @@ class SageAttention2Pass(Pass):
             if reason is not None:
                 result.matches.append(Match(site, what, rewritten=False, reason=reason))
                 continue
+            note += _padding_note(_head_dim(args["query"]), choice)
             result.matches.append(Match(site, f"{what} -> sage[{choice}] ({note})", rewritten=True))
             kwargs = {name: args[name] for name in _ARG_NAMES[3:]}
             kwargs["precision"] = choice

@@ -549,3 +549,14 @@ def test_fidelity_on_minilm_real_activations():
               f"top1 {f['top1_agreement']:.3f} spearman_min {f['spearman_min']:.4f}")
     assert results["int8_fp8"]["cos_min"] >= 0.999
     assert results["int8_fp16"]["cos_min"] >= results["int8_fp8"]["cos_min"]
+
+
+def test_report_states_head_dim_padding_waste():
+    """SigLIP's 72, Qwen2-VL ViT's 80 ...: the Triton kernel pads to a power of two; the report says what it costs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 40, generator=g) for _ in range(3))
+    opt = vopt.optimize(_TwoSites(), passes=["sageattention2"], example_inputs=(q, k, v, q[..., :32], k[..., :32], v[..., :32]))
+    whats = [m.what for m in opt.report.rewritten("sageattention2")]
+    assert len(whats) == 2
+    assert "pads head_dim 40 -> 64: 38% of the QK work wasted" in whats[0]
+    assert "pads" not in whats[1]  # 32 is a power of two >= the kernel's minimum
