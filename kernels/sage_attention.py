@@ -19,6 +19,13 @@ accumulation, block_q 128, block_k 64):
   the KV head as ``h // (Hq // Hkv)`` (K/V never repeated); causal masking is bottom-right
   aligned (query i sees keys j <= i + Nk - Nq); tails of Nq/Nk/head_dim are masked;
   head_dim is padded internally to :func:`padded_head_dim` (V's to :func:`padded_value_dim`).
+  An ``attn_mask`` (constexpr ``HAS_MASK``; the no-mask build has no mask code at all) is read
+  in place through the strides of ``attn_mask.expand(B, Hq, Nq, Nk)`` (broadcast dims have
+  stride 0, nothing is materialized), one [BLOCK_M, 64] tile per KV tile with masked tail
+  loads, and applied exactly as the reference's ``_mask_bias``: bool False -> -inf; float masks
+  add ``fp32(mask) * fp32(log2 e)`` to the exp2-domain scores (after the dequantization, as the
+  reference's ``_scores_tile``). Causal and the mask combine (both apply); rows that end up
+  seeing no key output 0 with LSE -inf.
 
 PV modes (constexpr ``PV_FP8``):
 
@@ -32,9 +39,10 @@ PV modes (constexpr ``PV_FP8``):
   E4M3 codes widened to fp16 (exact), and the product runs as an fp16 MMA with fp32
   accumulation: same operand values as the FP8 MMA, so the same numerics (up to accumulation).
 
-V is quantized on the host with :func:`~vopt.ops.sage_reference.quantize_v_fp8`. Attention masks
-are not supported: :func:`unsupported_reason` names every call this path cannot run exactly as
-asked, and :func:`sage_attention_triton` raises :class:`SageTritonUnsupportedError` for them.
+V is quantized on the host with :func:`~vopt.ops.sage_reference.quantize_v_fp8`. Boolean and
+additive (fp16/bf16/fp32/fp64) attention masks broadcastable to [B, Hq, Nq, Nk] are supported.
+:func:`unsupported_reason` names every call this path cannot run exactly as asked, and
+:func:`sage_attention_triton` raises :class:`SageTritonUnsupportedError` for them.
 Inputs are never modified.
 """
 from __future__ import annotations
@@ -97,6 +105,7 @@ TRITON_PRECISION = SagePrecision(
     block_k=BLOCK_K,
 )
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class SageTritonUnsupportedError(VoptError, NotImplementedError):
@@ -208,9 +217,11 @@ if triton is not None:
 
     @triton.jit
     def _sage_attn_fwd_kernel(
-        Q, K, V, QS, KS, VS, Out, M, L,
+        Q, K, V, QS, KS, VS, Out, M, L, Mask,
         Hq, G, Nq, Nk, D, DV, NQB, NKB,
+        smb, smh, smq, smk,
         IS_CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, STORE_ML: tl.constexpr,
+        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QBLK: tl.constexpr,
         D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     ):
@@ -220,7 +231,9 @@ if triton is not None:
         holding E4M3 values; QS fp32 [B, Hq, NQB] (includes sm_scale*log2 e); KS fp32 [B, Hkv, NKB];
         VS fp32 [B, Hkv, DV]; Out [B, Hq, Nq, DV]; M, L fp32 [B, Hq, Nq] (running max minus the
         FP8 offset, and the softmax denominator; written if STORE_ML). BLOCK_M divides QBLK and
-        BLOCK_N equals the K scale block.
+        BLOCK_N equals the K scale block. Mask (HAS_MASK): element (b, h, i, j) at
+        ``b*smb + h*smh + i*smq + j*smk`` (any strides, 0 for broadcast dims); uint8 (MASK_BOOL,
+        0 = masked) or a float dtype (additive, natural-log units, scaled by log2 e here).
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -239,6 +252,8 @@ if triton is not None:
         k_base = K + hkv_idx.to(tl.int64) * Nk * D
         v_base = V + hkv_idx.to(tl.int64) * Nk * DV
         ks_base = KS + hkv_idx.to(tl.int64) * NKB
+        if HAS_MASK:
+            mask_rows = Mask + b.to(tl.int64) * smb + h.to(tl.int64) * smh + offs_m[:, None].to(tl.int64) * smq
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -257,6 +272,13 @@ if triton is not None:
             valid = (cols < Nk)[None, :]
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + (Nk - Nq))
+            if HAS_MASK:  # the reference's _mask_bias: bool False -> -inf, float -> + fp32(mask) * fp32(log2 e)
+                mk = tl.load(mask_rows + cols[None, :].to(tl.int64) * smk,
+                             mask=(offs_m < Nq)[:, None] & (cols < Nk)[None, :], other=0)
+                if MASK_BOOL:
+                    valid = valid & (mk != 0)
+                else:
+                    s = s + mk.to(tl.float32) * 1.4426950408889634
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1) - 8.807)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -318,16 +340,16 @@ def _precision_reason(precision) -> Optional[str]:
 def unsupported_reason(query, key, value, attn_mask=None, precision=None) -> Optional[str]:
     """Why the Triton SageAttention path cannot run this call exactly as asked, or None if it can.
 
-    Refuses: an ``attn_mask``; a precision other than :data:`TRITON_PRECISION` (int8 QK,
-    per_block, fp8 PV, smooth_k True, smooth_q False, smooth_v False, two-level, block_q 128,
-    block_k 64; ``None`` means that precision); head_dim > 128; non-[B, H, N, D] tensors,
-    dtypes other than fp16/bf16/fp32; CPU tensors without the Triton interpreter; no triton.
+    Refuses: an ``attn_mask`` that is not a bool or floating-point (fp16/bf16/fp32/fp64) tensor
+    on the query's device (such masks themselves are supported); a precision other than
+    :data:`TRITON_PRECISION` (int8 QK, per_block, fp8 PV, smooth_k True, smooth_q False,
+    smooth_v False, two-level, block_q 128, block_k 64; ``None`` means that precision);
+    head_dim > 128; non-[B, H, N, D] tensors, dtypes other than fp16/bf16/fp32; CPU tensors
+    without the Triton interpreter; no triton.
     The dispatcher logs the reason and falls back.
     """
     if _TRITON_IMPORT_ERROR is not None:
         return f"triton unavailable ({_TRITON_IMPORT_ERROR})"
-    if attn_mask is not None:
-        return "attn_mask is not supported by the Triton SageAttention kernel (only is_causal)"
     reason = _precision_reason(precision)
     if reason:
         return reason
@@ -348,6 +370,13 @@ def unsupported_reason(query, key, value, attn_mask=None, precision=None) -> Opt
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing the kernel)"
     if dev.type not in ("cpu", "cuda"):
         return f"device {dev} not supported"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            return f"attn_mask is not a tensor ({type(attn_mask).__name__})"
+        if attn_mask.dtype not in _MASK_DTYPES:
+            return f"attn_mask dtype {attn_mask.dtype} not supported (bool, float16, bfloat16, float32, float64)"
+        if attn_mask.device != dev:
+            return f"attn_mask on {attn_mask.device}, query on {dev}"
     return None
 
 
@@ -403,6 +432,29 @@ def round_e4m3_triton(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _mask_view(attn_mask: Optional[torch.Tensor], shape):
+    """``(tensor, strides)`` the kernel reads ``attn_mask`` through, broadcast to ``shape`` [B, Hq, Nq, Nk].
+
+    ``attn_mask.expand(shape)`` (a view: broadcast dims get stride 0, nothing is copied); bool masks
+    are reinterpreted as uint8 (same bytes, 0 = masked). Leading size-1 dims beyond 4 are dropped.
+    ``(None, (0, 0, 0, 0))`` without a mask. Raises ``ValueError`` if the mask does not broadcast.
+    """
+    if attn_mask is None:
+        return None, (0, 0, 0, 0)
+    mask = attn_mask
+    while mask.dim() > 4 and mask.shape[0] == 1:
+        mask = mask[0]
+    try:
+        mask = mask.expand(*shape)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"sage_attention_triton: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {tuple(shape)}"
+        ) from exc
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, tuple(mask.stride())
+
+
 def _use_fp8_mma(device: torch.device) -> bool:
     """In-kernel FP8 cast + FP8 MMA on sm_89+ GPUs; software E4M3 rounding + fp16 MMA otherwise."""
     if device.type != "cuda" or _is_interpreted():
@@ -426,11 +478,14 @@ def sage_attention_triton(
 
     Same result as ``sage_attention_reference(query, key, value, is_causal=..., scale=...,
     enable_gqa=..., precision=TRITON_PRECISION, return_lse=...)`` up to fp32 accumulation order.
-    ``precision=None`` means :data:`TRITON_PRECISION`; any other precision, an ``attn_mask``
-    or head_dim > 128 raises :class:`SageTritonUnsupportedError` (see :func:`unsupported_reason`).
+    ``precision=None`` means :data:`TRITON_PRECISION`; any other precision or head_dim > 128
+    raises :class:`SageTritonUnsupportedError` (see :func:`unsupported_reason`). ``attn_mask``:
+    bool (False = masked) or additive float, broadcastable to [B, Hq, Nq, Nk] (read in place
+    through stride-0 broadcasting, never materialized), applied as the reference does and
+    combined with ``is_causal``; a shape that does not broadcast raises ``ValueError``.
     Causal is bottom-right aligned. Returns ``out`` (query's dtype, [B, Hq, Nq, Dv]) and with
     ``return_lse`` also the fp32 natural-log LSE [B, Hq, Nq] of ``q k^T scale`` (-inf for rows
-    that see no key). Inputs are never modified.
+    that see no key, e.g. fully masked ones, whose output is 0). Inputs are never modified.
     """
     reason = unsupported_reason(query, key, value, attn_mask, precision)
     if reason:
@@ -455,6 +510,7 @@ def sage_attention_triton(
     m = torch.full((bsz, hq, nq), float("-inf"), dtype=torch.float32, device=device)
     l = torch.zeros((bsz, hq, nq), dtype=torch.float32, device=device)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mask_arg, mask_strides = _mask_view(attn_mask, (bsz, hq, nq, nk))
 
     km = None
     if out.numel() and nk:
@@ -466,8 +522,10 @@ def sage_attention_triton(
         grid = (triton.cdiv(nq, block_m), bsz * hq)
         _launch(_sage_attn_fwd_kernel, grid, device,
                 q_codes, k_codes, v_arg, q_scale, k_scale, v_scale.contiguous(), out, m, l,
-                hq, hq // hkv, nq, nk, d, dv, q_scale.shape[-1], k_scale.shape[-1],
+                mask_arg if mask_arg is not None else l,
+                hq, hq // hkv, nq, nk, d, dv, q_scale.shape[-1], k_scale.shape[-1], *mask_strides,
                 IS_CAUSAL=bool(is_causal), PV_FP8=pv_fp8, STORE_ML=bool(return_lse),
+                HAS_MASK=mask_arg is not None, MASK_BOOL=mask_arg is not None and mask_arg.dtype == torch.uint8,
                 BLOCK_M=block_m, BLOCK_N=BLOCK_K, QBLK=BLOCK_Q,
                 D_PAD=padded_head_dim(d), DV_PAD=padded_value_dim(dv),
                 num_warps=4, num_stages=2)

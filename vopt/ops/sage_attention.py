@@ -29,8 +29,8 @@ top-left boolean mask, combines it with ``attn_mask`` (bool: ``&``; additive: ``
 causally hidden) and passes it as ``attn_mask`` with ``is_causal=False``. Backends therefore
 never see a causal flag with ``Lq != Lk``.
 
-Backends (:mod:`vopt.dispatch`, ``VOPT_BACKEND``): ``triton`` (CUDA only;
-:mod:`vopt.kernels.sage_attention`, imported lazily; if it is missing or fails to import,
+Backends (:mod:`vopt.dispatch`, ``VOPT_BACKEND``): ``triton`` (CUDA only; bool and additive
+``attn_mask`` run in the kernel; :mod:`vopt.kernels.sage_attention`, imported lazily; if it is missing or fails to import,
 the backend reports why and dispatch falls back) and ``reference``
 (:func:`~vopt.ops.sage_reference.sage_attention_reference`, slow, bit-faithful, any device).
 Backends receive ``(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -179,10 +179,11 @@ def _triton_check(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     check=_triton_check,
 )
 def sage_attention_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, precision):
-    """The Triton kernel (:mod:`vopt.kernels.sage_attention`); masks are refused by its check."""
+    """The Triton kernel (:mod:`vopt.kernels.sage_attention`); bool and additive masks run in the kernel."""
     kernels, _ = _triton_module()
     return kernels.sage_attention_triton(
-        query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, precision=precision, return_lse=False
+        query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, precision=precision,
+        return_lse=False, attn_mask=attn_mask,
     )
 
 
