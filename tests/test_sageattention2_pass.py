@@ -560,3 +560,23 @@ def test_report_states_head_dim_padding_waste():
     assert len(whats) == 2
     assert "pads head_dim 40 -> 64: 38% of the QK work wasted" in whats[0]
     assert "pads" not in whats[1]  # 32 is a power of two >= the kernel's minimum
+
+
+def test_sageattn_standalone_is_bottom_right_and_returns_lse():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 5, 32, generator=g)
+    k, v = torch.randn(1, 2, 12, 32, generator=g), torch.randn(1, 2, 12, 32, generator=g)
+    q0, k0 = q.clone(), k.clone()
+    out, lse = sage_op.sageattn(q, k, v, is_causal=True, enable_gqa=True, return_lse=True)
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    p = sage_op.preset(sage_op.DEFAULT_PRESET)
+    want, want_lse = sage_attention_reference(q, k, v, is_causal=True, enable_gqa=True, precision=p, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    # bottom-right: the last query sees every key; the exact LSE of bottom-right causal scores agrees to 1e-2
+    kk = k.repeat_interleave(2, dim=1)
+    scores = (q @ kk.transpose(-1, -2)) / 32 ** 0.5
+    allowed = torch.ones(5, 12, dtype=torch.bool).tril(diagonal=12 - 5)
+    exact_lse = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    assert (lse - exact_lse).abs().max().item() <= 1e-2  # INT8 QK error on the scores (see test_sage_reference)
+    with pytest.raises(ValueError, match="precision='exact' is not a quantized preset"):
+        sage_op.sageattn(q, k, v, enable_gqa=True, precision="exact")

@@ -206,6 +206,32 @@ def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     return out.contiguous()
 
 
+def sageattn(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+             precision: str = DEFAULT_PRESET, return_lse: bool = False):
+    """Quantized attention called directly (not through a graph), with FlashAttention's conventions.
+
+    Differences from the op: ``is_causal`` is **bottom-right** aligned (query ``i`` of ``Lq`` sees keys
+    ``j <= i + Lk - Lq``: prefill against a KV cache, chunked prefill, decode), and ``return_lse=True``
+    also returns the softmax log-sum-exp (natural log, ``[B, Hq, Lq]`` float32, of the unsmoothed scores;
+    ``-inf`` for fully masked rows). Same backends and selection as the op (``VOPT_BACKEND`` honoured;
+    fallbacks logged once). ``precision="exact"`` is refused: use ``torch.nn.functional.scaled_dot_product_attention``.
+    Inputs are never modified.
+    """
+    validate(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, precision)
+    if PRESETS[precision] is None:
+        raise ValueError("vopt.ops.sage_attention.sageattn: precision='exact' is not a quantized preset; "
+                         f"accepted: {', '.join(n for n, p in PRESETS.items() if p is not None)}")
+    p = preset(precision)
+    impl = SAGE_ATTENTION.select(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, p)
+    if impl.fn is sage_attention_triton:
+        kernels, _ = _triton_module()
+        return kernels.sage_attention_triton(query, key, value, is_causal=is_causal, scale=scale,
+                                             enable_gqa=enable_gqa, precision=p, return_lse=return_lse,
+                                             attn_mask=attn_mask)
+    return sage_attention_reference(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, precision=p,
+                                    return_lse=return_lse)
+
+
 # ---- the torch.library op ------------------------------------------------------
 
 
