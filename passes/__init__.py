@@ -5,5 +5,6 @@ One pattern family per module, each readable top to bottom:
 * :mod:`.attention_canonicalize`: eager ``bmm -> softmax -> bmm`` attention -> SDPA.
 * :mod:`.sdpa`: SDPA -> ``vopt::attention``.
 * :mod:`.sageattention2`: SDPA / ``vopt::attention`` -> ``vopt::sage_attention`` (quantized; opt-in).
+* :mod:`.sageattention2_hf`: HF ``AttentionInterface`` -> ``vopt::sage_attention`` (runtime pass; quantized; opt-in).
 """
-from . import attention_canonicalize, sageattention2, sdpa  # noqa: F401
+from . import attention_canonicalize, sageattention2, sageattention2_hf, sdpa  # noqa: F401

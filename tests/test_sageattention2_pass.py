@@ -131,8 +131,9 @@ def test_is_causal_is_top_left_like_sdpa(lq, lk):
     assert torch.allclose(torch.ops.vopt.sage_attention(q, k, v, is_causal=True, precision="exact"), sdpa, atol=1e-6)
     for name in QUANTIZED:
         got = torch.ops.vopt.sage_attention(q, k, v, is_causal=True, precision=name)
-        # Exactly the reference with SDPA's top-left mask, and close to SDPA ...
-        assert torch.equal(got, sage_attention_reference(q, k, v, top_left, precision=sage_op.preset(name)))
+        # Exactly the reference with SDPA's top-left mask (keys past every query's horizon neutralized), close to SDPA
+        kn, vn = sage_op.neutralize_hidden_keys(q, k, v, top_left)
+        assert torch.equal(got, sage_attention_reference(q, kn, vn, top_left, precision=sage_op.preset(name)))
         assert cos(got, sdpa) >= MIN_COS[name]
         # ... and not the reference's own bottom-right causal alignment, which differs.
         bottom_right = sage_attention_reference(q, k, v, is_causal=True, precision=sage_op.preset(name))
@@ -580,3 +581,28 @@ def test_sageattn_standalone_is_bottom_right_and_returns_lse():
     assert (lse - exact_lse).abs().max().item() <= 1e-2  # INT8 QK error on the scores (see test_sage_reference)
     with pytest.raises(ValueError, match="precision='exact' is not a quantized preset"):
         sage_op.sageattn(q, k, v, enable_gqa=True, precision="exact")
+
+
+@pytest.mark.parametrize("name", ["int8_fp8_block", "int8_fp8", "int4_fp8"])
+def test_padded_keys_do_not_change_the_others_answers(name):
+    """Hidden keys must not leak into the quantization statistics (K mean, K/V scales): changing padded K/V
+    contents leaves the output bit-identical, as with exact attention."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 20, 32, generator=g), torch.randn(2, 2, 20, 32, generator=g), torch.randn(2, 2, 20, 32, generator=g)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, ..., 13:] = False
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 13:] = 50 * torch.randn(2, 7, 32, generator=g)
+    v2[1, :, 13:] = -30.0
+    for kw in ({"attn_mask": mask}, {"attn_mask": torch.zeros(2, 1, 1, 20).masked_fill(~mask, float("-inf"))}):
+        a = torch.ops.vopt.sage_attention(q, k, v, enable_gqa=True, precision=name, **kw)
+        b = torch.ops.vopt.sage_attention(q, k2, v2, enable_gqa=True, precision=name, **kw)
+        assert torch.equal(a, b)
+    # top-left causal with Lq < Lk hides the last keys from every query: also neutralized
+    a = torch.ops.vopt.sage_attention(q[:, :, :8], k, v, is_causal=True, enable_gqa=True, precision=name)
+    b = torch.ops.vopt.sage_attention(q[:, :, :8], torch.cat([k[:, :, :8], k2[:, :, 8:] + 7], 2), v, is_causal=True,
+                                      enable_gqa=True, precision=name)
+    assert torch.equal(a, b)
+    # the exact-attention answer is unchanged by the neutralization
+    out = sage_op.neutralize_hidden_keys(q, k2, v2, mask)
+    assert torch.equal(out[0][0], k2[0]) and torch.equal(out[1][:, :, :13], v2[:, :, :13])

@@ -195,13 +195,42 @@ def sage_attention_reference_backend(query, key, value, attn_mask, dropout_p, is
     )
 
 
+def neutralize_hidden_keys(query, key, value, attn_mask):
+    """``(key, value)`` with every key that no query can see replaced by the mean of the visible keys.
+
+    Hidden keys (padding, or keys past the causal horizon) get zero attention, so their contents never reach the
+    output of exact attention -- but quantized attention would still fold them into its statistics (the K smoothing
+    mean, the per-block K scales, the per-channel V scales), so changing a padded token would change the answers of
+    the others. Replacing them with the visible keys' mean leaves every statistic as if they were absent (their
+    smoothed K rows are 0, their V rows are within the V range), whatever they held. New tensors are returned;
+    the inputs are untouched (and returned as is when nothing is hidden or the inputs are not ``[B, H, L, D]``).
+    """
+    if attn_mask is None or query.dim() != 4 or key.dim() != 4:
+        return key, value
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+    seen = visible.expand(b, hq, lq, lk).any(dim=2).view(b, hkv, hq // hkv, lk).any(dim=2)  # [B, Hkv, Lk]
+    if bool(seen.all()):
+        return key, value
+    w = seen.unsqueeze(-1).to(torch.float32)
+    count = w.sum(dim=2, keepdim=True).clamp_min(1.0)
+
+    def fill(t):
+        mean = ((t.float() * w).sum(dim=2, keepdim=True) / count).to(t.dtype)
+        return torch.where(seen.unsqueeze(-1), t, mean)
+
+    return fill(key), fill(value)
+
+
 def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
         precision: str = DEFAULT_PRESET) -> torch.Tensor:
-    """The op's eager body (also used by calibration): validate, normalize causal, dispatch."""
+    """The op's eager body (also used by calibration): validate, normalize causal, neutralize hidden keys, dispatch."""
     validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, precision)
     if PRESETS[precision] is None:
         return ATTENTION(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa).contiguous()
     attn_mask, is_causal = normalize_causal(query, key, attn_mask, is_causal)
+    key, value = neutralize_hidden_keys(query, key, value, attn_mask)
     out = SAGE_ATTENTION(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, preset(precision))
     return out.contiguous()
 
@@ -222,6 +251,7 @@ def sageattn(query, key, value, attn_mask=None, is_causal=False, scale=None, ena
         raise ValueError("vopt.ops.sage_attention.sageattn: precision='exact' is not a quantized preset; "
                          f"accepted: {', '.join(n for n, p in PRESETS.items() if p is not None)}")
     p = preset(precision)
+    key, value = neutralize_hidden_keys(query, key, value, attn_mask)
     impl = SAGE_ATTENTION.select(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, p)
     if impl.fn is sage_attention_triton:
         kernels, _ = _triton_module()
