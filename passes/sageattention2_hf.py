@@ -77,6 +77,8 @@ from .sageattention2 import MAX_HEAD_DIM
 ATTN_NAME = "vopt_sage"
 #: Attribute the pass sets on each switched attention module: the preset its calls use.
 PRECISION_ATTR = "_vopt_sage_precision"
+#: Per-module preset of decoding-phase calls (query length 1); absent = PRECISION_ATTR's.
+DECODE_PRECISION_ATTR = "_vopt_sage_decode_precision"
 _INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface")
 
 
@@ -93,6 +95,12 @@ class SageAttention2HFConfig(VoptConfig):
         help="Preset of every switched attention module: 'int8_fp8_block' (default; the Triton kernel's numerics), "
         "'int4_fp8', 'int8_fp8', 'int8_fp16' (reference-only today) or 'exact' (transformers' own SDPA).",
     )
+    decode_precision: Optional[str] = config_field(
+        None,
+        help="Preset for decoding-phase calls (one query token against the cache), if it should differ from "
+        "`precision` (e.g. 'exact' to keep generation exact while prefill is quantized, or a cheaper preset); "
+        "None uses `precision` for both phases.",
+    )
     modules: Optional[list[str]] = config_field(
         None,
         help="Module-path prefixes of the working copy (e.g. ['model.language_model']) to restrict the switch to; "
@@ -105,6 +113,9 @@ class SageAttention2HFConfig(VoptConfig):
             raise ConfigError(
                 f"{name}.precision={self.precision!r} is not a preset; accepted: {', '.join(sage_op.PRESETS)}"
             )
+        if self.decode_precision is not None and self.decode_precision not in sage_op.PRESETS:
+            raise ConfigError(f"{name}.decode_precision={self.decode_precision!r} is not a preset; accepted: None, "
+                              f"{', '.join(sage_op.PRESETS)}")
         if self.modules is not None:
             if not self.modules:
                 raise ConfigError(f"{name}.modules must be None (whole model) or a non-empty list of module-path prefixes")
@@ -137,6 +148,8 @@ def sage_attention_forward(
     ``MAX_HEAD_DIM`` delegate to transformers' ``sdpa_attention_forward``. See the module docstring.
     """
     precision = getattr(module, PRECISION_ATTR, None) or sage_op.DEFAULT_PRESET
+    if query.shape[2] == 1:  # decoding phase
+        precision = getattr(module, DECODE_PRECISION_ATTR, None) or precision
     if precision == "exact" or query.shape[-1] > MAX_HEAD_DIM:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -317,5 +330,9 @@ class SageAttention2HFPass(Pass):
                                             reason="SageAttention2HFConfig.precision='exact' (transformers' SDPA)"))
             else:
                 setattr(mod, PRECISION_ATTR, cfg.precision)
-                result.matches.append(Match(path, f"{what} -> vopt_sage[{cfg.precision}]", rewritten=True))
+                phases = f"vopt_sage[{cfg.precision}]"
+                if cfg.decode_precision is not None:
+                    setattr(mod, DECODE_PRECISION_ATTR, cfg.decode_precision)
+                    phases += f", decode: vopt_sage[{cfg.decode_precision}]"
+                result.matches.append(Match(path, f"{what} -> {phases}", rewritten=True))
         return result

@@ -333,3 +333,29 @@ def test_minilm_fidelity():
     assert model.config._attn_implementation == "sdpa" and opt.config._attn_implementation == ATTN_NAME
     assert len(opt.report.runtime_results[0].rewritten) == 6
     assert sum(ops[0] for ops in _graph_ops(opt).values()) == 6
+
+
+def test_decode_phase_precision():
+    """decode_precision: one-token (decoding-phase) calls use their own preset; prefill keeps `precision`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vopt.passes.sageattention2_hf import DECODE_PRECISION_ATTR
+
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(1, 2, 9, 16, generator=gen), torch.randn(1, 2, 9, 16, generator=gen)
+    mod = _Attn("int8_fp8_block")
+    setattr(mod, DECODE_PRECISION_ATTR, "exact")
+    decode_q, prefill_q = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 4, 9, 16, generator=gen)
+    got, _ = H.sage_attention_forward(mod, decode_q, k, v, None)
+    want, _ = sdpa_attention_forward(mod, decode_q, k, v, None)
+    assert torch.equal(got, want)
+    got, _ = H.sage_attention_forward(mod, prefill_q, k, v, None)
+    quant = torch.ops.vopt.sage_attention(prefill_q, k, v, None, 0.0, True, None, True, "int8_fp8_block")
+    assert torch.equal(got, quant.transpose(1, 2).contiguous())
+    # the pass tags modules and says so in the report
+    zm = zoo.build("llama", pretrained=False)
+    opt = _optimize(zm.model, zm.example_inputs(), decode_precision="exact")
+    (result,) = opt.report.runtime_results
+    assert all(m.what.endswith("vopt_sage[int8_fp8_block], decode: vopt_sage[exact]") for m in result.matches)
+    with pytest.raises(ConfigError, match="decode_precision='fp2' is not a preset"):
+        SageAttention2HFConfig(decode_precision="fp2")
