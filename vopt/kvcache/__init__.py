@@ -1,0 +1,36 @@
+"""KV-cache quantization: VidKV and KIVI quantizers, bit packing, honest stored-bits accounting.
+
+Spec: ``shared/specs/kvcache.md``. This package holds the numerics only (no transformers ``Cache`` class, pass or
+kernels); it imports torch and nothing heavier.
+
+* :mod:`.packing`: b-bit codes into int32 words, ternary codes five per byte.
+* :mod:`.quantizers`: :class:`VidKVConfig`, :func:`kivi_config`, :func:`quantize_keys` / :func:`dequantize_keys`,
+  :func:`quantize_values` / :func:`dequantize_values` and the packed containers.
+* :mod:`.accounting`: :func:`account` -> :class:`KVAccount` (bytes and bits per element by category).
+"""
+from .accounting import CATEGORIES, KVAccount, account
+from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
+from .quantizers import (
+    ChannelSplit,
+    KVQuantMode,
+    MetadataDtype,
+    PackedCodes,
+    PackedKeys,
+    PackedValues,
+    TritPacking,
+    ValueAxis,
+    ValueCodec,
+    VidKVConfig,
+    dequantize_keys,
+    dequantize_values,
+    kivi_config,
+    quantize_keys,
+    quantize_values,
+)
+
+__all__ = [
+    "CATEGORIES", "ChannelSplit", "KVAccount", "KVQuantMode", "MetadataDtype", "PackedCodes", "PackedKeys",
+    "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "dequantize_keys",
+    "dequantize_values", "kivi_config", "pack_bits", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
+    "unpack_trits",
+]
