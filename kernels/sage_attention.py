@@ -48,6 +48,7 @@ Inputs are never modified.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -462,6 +463,41 @@ def _use_fp8_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+@dataclass
+class PreparedAttention:
+    """A validated, quantized call of the attention kernel: :meth:`launch` runs only the kernel (what kernel-only
+    benchmarks time; it may be repeated), :meth:`result` returns what :func:`sage_attention_triton` returns."""
+
+    query: torch.Tensor
+    launch_args: tuple
+    launch_kwargs: dict
+    grid: tuple
+    out: torch.Tensor
+    m: torch.Tensor
+    l: torch.Tensor
+    km: Optional[torch.Tensor]
+    sm_scale: float
+    return_lse: bool
+
+    def launch(self) -> None:
+        if self.grid:
+            _launch(_sage_attn_fwd_kernel, self.grid, self.query.device, *self.launch_args, **self.launch_kwargs)
+
+    def result(self):
+        out = self.out.to(self.query.dtype)
+        if not self.return_lse:
+            return out
+        # Natural-log LSE of the original scores, as the reference's _lse: (m + log2 l) ln2 + s q.km (§1.1).
+        bsz, hq, nq, d = self.query.shape
+        lse = (self.m.to(torch.float64) + torch.log2(self.l.to(torch.float64))) * LN2
+        if self.km is not None:
+            hkv = self.km.shape[1]
+            qg = self.query.to(torch.float64).reshape(bsz, hkv, (hq // hkv) * nq, d)
+            corr = torch.matmul(qg, self.km.to(torch.float64).unsqueeze(-1)).squeeze(-1) * self.sm_scale
+            lse = lse + corr.reshape(bsz, hq, nq)
+        return out, torch.where(self.l > 0, lse, torch.full_like(lse, float("-inf"))).to(torch.float32)
+
+
 def sage_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -487,6 +523,15 @@ def sage_attention_triton(
     ``return_lse`` also the fp32 natural-log LSE [B, Hq, Nq] of ``q k^T scale`` (-inf for rows
     that see no key, e.g. fully masked ones, whose output is 0). Inputs are never modified.
     """
+    call = prepare_sage_attention(query, key, value, is_causal, scale, enable_gqa, precision=precision,
+                                  return_lse=return_lse, attn_mask=attn_mask)
+    call.launch()
+    return call.result()
+
+
+def prepare_sage_attention(query, key, value, is_causal=False, scale=None, enable_gqa=False, *, precision=None,
+                           return_lse=False, attn_mask=None) -> PreparedAttention:
+    """Validate and quantize (Q/K on Triton, V per-channel E4M3 on the host) one :func:`sage_attention_triton` call."""
     reason = unsupported_reason(query, key, value, attn_mask, precision)
     if reason:
         raise SageTritonUnsupportedError(reason)
@@ -511,36 +556,23 @@ def sage_attention_triton(
     l = torch.zeros((bsz, hq, nq), dtype=torch.float32, device=device)
     sm_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask_arg, mask_strides = _mask_view(attn_mask, (bsz, hq, nq, nk))
-
-    km = None
+    call = PreparedAttention(query, (), {}, (), out, m, l, None, sm_scale, bool(return_lse))
     if out.numel() and nk:
-        q_codes, q_scale, k_codes, k_scale, km = quantize_qk_triton(query, key, sm_scale)
+        q_codes, q_scale, k_codes, k_scale, call.km = quantize_qk_triton(query, key, sm_scale)
         v8, v_scale, _ = quantize_v_fp8(value)  # host-side per-channel E4M3 (bit-exact by construction)
         pv_fp8 = _use_fp8_mma(device)
         v_arg = v8.contiguous() if pv_fp8 else v8.to(torch.float16).contiguous()  # E4M3 values are exact in fp16
         block_m = min(BLOCK_Q, max(16, triton.next_power_of_2(nq)))
-        grid = (triton.cdiv(nq, block_m), bsz * hq)
-        _launch(_sage_attn_fwd_kernel, grid, device,
-                q_codes, k_codes, v_arg, q_scale, k_scale, v_scale.contiguous(), out, m, l,
-                mask_arg if mask_arg is not None else l,
-                hq, hq // hkv, nq, nk, d, dv, q_scale.shape[-1], k_scale.shape[-1], *mask_strides,
-                IS_CAUSAL=bool(is_causal), PV_FP8=pv_fp8, STORE_ML=bool(return_lse),
-                HAS_MASK=mask_arg is not None, MASK_BOOL=mask_arg is not None and mask_arg.dtype == torch.uint8,
-                BLOCK_M=block_m, BLOCK_N=BLOCK_K, QBLK=BLOCK_Q,
-                D_PAD=padded_head_dim(d), DV_PAD=padded_value_dim(dv),
-                num_warps=4, num_stages=2)
-    out = out.to(query.dtype)
-    if not return_lse:
-        return out
-    # Natural-log LSE of the original scores, as the reference's _lse: (m + log2 l) ln2 + s q.km (§1.1).
-    lse = (m.to(torch.float64) + torch.log2(l.to(torch.float64))) * LN2
-    if km is not None:
-        g = hq // hkv
-        qg = query.to(torch.float64).reshape(bsz, hkv, g * nq, d)
-        corr = torch.matmul(qg, km.to(torch.float64).unsqueeze(-1)).squeeze(-1) * sm_scale
-        lse = lse + corr.reshape(bsz, hq, nq)
-    lse = torch.where(l > 0, lse, torch.full_like(lse, float("-inf"))).to(torch.float32)
-    return out, lse
+        call.grid = (triton.cdiv(nq, block_m), bsz * hq)
+        call.launch_args = (q_codes, k_codes, v_arg, q_scale, k_scale, v_scale.contiguous(), out, m, l,
+                            mask_arg if mask_arg is not None else l,
+                            hq, hq // hkv, nq, nk, d, dv, q_scale.shape[-1], k_scale.shape[-1], *mask_strides)
+        call.launch_kwargs = dict(
+            IS_CAUSAL=bool(is_causal), PV_FP8=pv_fp8, STORE_ML=bool(return_lse),
+            HAS_MASK=mask_arg is not None, MASK_BOOL=mask_arg is not None and mask_arg.dtype == torch.uint8,
+            BLOCK_M=block_m, BLOCK_N=BLOCK_K, QBLK=BLOCK_Q, D_PAD=padded_head_dim(d), DV_PAD=padded_value_dim(dv),
+            num_warps=4, num_stages=2)
+    return call
 
 
 # Keep the offsets the kernel hard-codes tied to the reference's constants.

@@ -12,10 +12,8 @@ on the same inputs and in the same run:
   that cannot run records the reason torch gives;
 * ``vopt-triton``: :func:`vopt.kernels.sage_attention.sage_attention_triton` end to end
   (Q/K INT8 quantization, host-side V FP8 quantization, output allocation and the kernel);
-* ``vopt-triton-kernel``: the attention kernel alone on inputs quantized beforehand. The
-  module exposes no public kernel-only entry point, so this mirrors the launcher with its
-  private names (``_launch``, ``_sage_attn_fwd_kernel``, ``_use_fp8_mma``); if they are gone
-  the row says so;
+* ``vopt-triton-kernel``: the attention kernel alone on inputs quantized beforehand
+  (``prepare_sage_attention(...).launch``);
 * ``sageattn-1.0.6``: ``sageattention.sageattn`` (its own quantization included) if the
   package imports, else a "not installed" row. It subtracts K's mean from K in place, so it
   gets its own clone of K (the accuracy call a fresh one).
@@ -40,7 +38,6 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import sys
 import time
@@ -119,44 +116,14 @@ def _kernel_module():
 
 
 def vopt_kernel_only(sa, q, k, v, causal: bool):
-    """(fn, why): the attention kernel alone on pre-quantized Q/K/V, mirroring ``sage_attention_triton``.
-
-    Uses the module's private launcher pieces (there is no public kernel-only entry point);
-    returns ``(None, reason)`` if they are missing.
-    """
-    needed = ("_launch", "_sage_attn_fwd_kernel", "_use_fp8_mma", "BLOCK_Q", "BLOCK_K",
-              "padded_head_dim", "padded_value_dim", "quantize_qk_triton")
-    missing = [n for n in needed if getattr(sa, n, None) is None]
-    if missing:
-        return None, f"kernel-only timing not possible: module lacks {', '.join(missing)}"
-    import triton
-
-    from vopt.ops.sage_reference import quantize_v_fp8
-
-    bsz, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    device = q.device
-    sm_scale = 1.0 / math.sqrt(d)
-    q_codes, q_scale, k_codes, k_scale, _ = sa.quantize_qk_triton(q, k, sm_scale)
-    v8, v_scale, _ = quantize_v_fp8(v)
-    pv_fp8 = sa._use_fp8_mma(device)
-    v_arg = v8.contiguous() if pv_fp8 else v8.to(torch.float16).contiguous()
-    v_scale = v_scale.contiguous()
-    out = torch.zeros((bsz, hq, nq, dv), dtype=q.dtype, device=device)
-    m = torch.empty((bsz, hq, nq), dtype=torch.float32, device=device)
-    l = torch.empty((bsz, hq, nq), dtype=torch.float32, device=device)
-    block_m = min(sa.BLOCK_Q, max(16, triton.next_power_of_2(nq)))
-    grid = (triton.cdiv(nq, block_m), bsz * hq)
+    """(fn, why): the attention kernel alone on pre-quantized Q/K/V (``prepare_sage_attention(...).launch``)."""
+    if getattr(sa, "prepare_sage_attention", None) is None:
+        return None, "kernel-only timing not possible: vopt.kernels.sage_attention lacks prepare_sage_attention"
+    call = sa.prepare_sage_attention(q, k, v, is_causal=causal)
 
     def fn():
-        sa._launch(sa._sage_attn_fwd_kernel, grid, device,
-                   q_codes, k_codes, v_arg, q_scale, k_scale, v_scale, out, m, l,
-                   hq, hq // hkv, nq, nk, d, dv, q_scale.shape[-1], k_scale.shape[-1],
-                   IS_CAUSAL=bool(causal), PV_FP8=pv_fp8, STORE_ML=False,
-                   BLOCK_M=block_m, BLOCK_N=sa.BLOCK_K, QBLK=sa.BLOCK_Q,
-                   D_PAD=sa.padded_head_dim(d), DV_PAD=sa.padded_value_dim(dv),
-                   num_warps=4, num_stages=2)
-        return out
+        call.launch()
+        return call.out
 
     return fn, None
 
