@@ -7,6 +7,8 @@ kernels); it imports torch and nothing heavier.
 * :mod:`.quantizers`: :class:`VidKVConfig`, :func:`kivi_config`, :func:`quantize_keys` / :func:`dequantize_keys`,
   :func:`quantize_values` / :func:`dequantize_values` and the packed containers.
 * :mod:`.accounting`: :func:`account` -> :class:`KVAccount` (bytes and bits per element by category).
+* :mod:`.cache`: :class:`VidKVCache` / :class:`VidKVLayer`, the transformers cache (imports transformers; loaded lazily
+  on first access of those names).
 """
 from .accounting import CATEGORIES, KVAccount, account
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
@@ -32,5 +34,15 @@ __all__ = [
     "CATEGORIES", "ChannelSplit", "KVAccount", "KVQuantMode", "MetadataDtype", "PackedCodes", "PackedKeys",
     "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "dequantize_keys",
     "dequantize_values", "kivi_config", "pack_bits", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
-    "unpack_trits",
+    "unpack_trits", "VidKVCache", "VidKVLayer",
 ]
+
+_LAZY = ("VidKVCache", "VidKVLayer")
+
+
+def __getattr__(name):  # the cache imports transformers: load it only when asked for
+    if name in _LAZY:
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
