@@ -1,16 +1,19 @@
 """KV-cache quantization: VidKV and KIVI quantizers, bit packing, honest stored-bits accounting.
 
-Spec: ``shared/specs/kvcache.md``. This package holds the numerics only (no transformers ``Cache`` class, pass or
-kernels); it imports torch and nothing heavier.
+Spec: ``shared/specs/kvcache.md``. Importing it loads torch and nothing heavier.
 
 * :mod:`.packing`: b-bit codes into int32 words, ternary codes five per byte.
 * :mod:`.quantizers`: :class:`VidKVConfig`, :func:`kivi_config`, :func:`quantize_keys` / :func:`dequantize_keys`,
   :func:`quantize_values` / :func:`dequantize_values` and the packed containers.
 * :mod:`.accounting`: :func:`account` -> :class:`KVAccount` (bytes and bits per element by category).
+* :mod:`.decode_attention`: :func:`packed_decode_attention`, exact attention of decode queries over packed blocks +
+  a full-precision window, computed on the codes (2-bit channels on integer codes, FFT-sign keys in the frequency
+  domain); the oracle of the Triton kernel ``vopt.kernels.vidkv_decode``.
 * :mod:`.cache`: :class:`VidKVCache` / :class:`VidKVLayer`, the transformers cache (imports transformers; loaded lazily
   on first access of those names).
 """
 from .accounting import CATEGORIES, KVAccount, account
+from .decode_attention import packed_decode_attention
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 from .quantizers import (
     ChannelSplit,
@@ -33,7 +36,7 @@ from .quantizers import (
 __all__ = [
     "CATEGORIES", "ChannelSplit", "KVAccount", "KVQuantMode", "MetadataDtype", "PackedCodes", "PackedKeys",
     "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "dequantize_keys",
-    "dequantize_values", "kivi_config", "pack_bits", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
+    "dequantize_values", "kivi_config", "pack_bits", "packed_decode_attention", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
     "unpack_trits", "VidKVCache", "VidKVLayer",
 ]
 
