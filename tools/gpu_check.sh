@@ -18,6 +18,9 @@
 #   bench-attn   tools/bench_attention.py --out OUT_DIR/bench_attention.json (SDPA vs vopt
 #                Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first;
 #                stops starting cases ~30 s before its limit and keeps ~40 s for vopt-env)
+#   bench-kv     tools/bench_kvcache.py --out OUT_DIR/bench_kvcache.json (KV-cache bytes per setting; decode
+#                latency per token vs context 1K..32K: fp16 SDPA vs packed KIVI-2 / VidKV torch reference,
+#                dequantize+SDPA and the Triton kernel; ~60 s, stops starting contexts after ~35 s)
 #   vopt-env     python -m vopt.cli env (versions, GPU, backend availability)
 # The whole run stays under 8 minutes; a summary table (step, status, seconds)
 # comes last. Exits non-zero if any non-optional step failed.
@@ -109,12 +112,15 @@ run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --junitxml="$OUT/pyte
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'
 
 # ---- 6. attention benchmark (trimmed sizes; the full 1K..32K sweep is tools/bench_attention.py alone) ----
-ATTN_LIMIT=$((DEADLINE - $(date +%s) - 40))   # leave time for vopt-env
+ATTN_LIMIT=$((DEADLINE - $(date +%s) - 100))  # leave time for bench-kv (60 s) and vopt-env (40 s)
 if ((ATTN_LIMIT > 150)); then ATTN_LIMIT=150; fi
 export ATTN_MAX_S=$((ATTN_LIMIT > 60 ? ATTN_LIMIT - 30 : ATTN_LIMIT / 2))
 run_step bench-attn "$ATTN_LIMIT" 0 '"$PY" tools/bench_attention.py --head-dims 128,64 --seqs 1k,2k,4k,8k,16k --max-seconds "$ATTN_MAX_S" --out "$OUT/bench_attention.json" --force'
 
-# ---- 7. vopt environment report ----
+# ---- 7. KV-cache benchmark (memory table + decode latency slope; contexts 1K..32K) ----
+run_step bench-kv 60 0 '"$PY" tools/bench_kvcache.py --contexts 1k,2k,4k,8k,16k,32k --reps 20 --max-seconds 35 --out "$OUT/bench_kvcache.json" --force'
+
+# ---- 8. vopt environment report ----
 run_step vopt-env 60 0 '"$PY" -m vopt.cli env'
 
 # ---- summary ----
