@@ -22,6 +22,28 @@ window, ``protect_first`` the number of leading prompt tokens kept in full preci
 every prompt position that is not a video/image placeholder in full precision (positions where any row holds a
 non-visual token). Prefill attends to exact K/V (``prefill_exact``), so only decode steps see quantized K/V.
 
+Salient-token protection (spec §1.4, "STP"; :mod:`vopt.kvcache.salience`). ``protect_salient = p > 0`` keeps
+``round(p · N_v)`` visual tokens per row in full precision (union over rows: protection is per position; union with
+``protect_first`` / ``protect_text``), chosen by ``salience``:
+
+* ``'text_similarity'`` (the reference's score): mean raw dot product of each visual token's LLM input embedding
+  (after the projector) with the input embeddings of the text after the video (question + assistant prompt; all
+  non-visual tokens when nothing follows the video);
+* ``'last_token_attention'``: layer 0's attention of the last prompt token to the visual keys (post-RoPE, averaged
+  over heads; layer 0 only, because protection must be decided before layer 0's cache update);
+* ``'random'``: seeded random visual tokens (the paper's control, v2 Tab. 3).
+
+*How the embeddings are obtained* (spec §3 "Modality plumbing"): a forward **pre-hook with kwargs on the decoder**
+(``model.get_decoder()``, e.g. the Qwen2 ``language_model`` of LLaVA-OneVision), registered on the working copy by
+this pass. The multimodal wrapper calls the decoder with ``inputs_embeds`` (visual features already scattered into the
+placeholder positions) and ``cache=...``; when that cache carries a salience request (set by the factory from
+``input_ids``) and is still empty (the prefill), the hook scores the tokens and calls ``cache.protect(...)`` before any
+layer's ``update``. Cost: no extra vision-tower or projector run and no second forward; ``text_similarity`` is one
+``[N_v, N_t]`` matmul per row, ``last_token_attention`` one layer-0 RMSNorm + K projection over the prompt and a
+Q projection of one token per row (~1/L of a layer's prefill work). The request is consumed once; decode steps and
+caches without a request are untouched. A prefill whose ``inputs_embeds`` length differs from ``input_ids`` (e.g.
+chunked prefill) gets no salient protection.
+
 Why **not a default pass**: KV quantization changes generated tokens after the first one. Opt in with
 ``vopt.optimize(model, passes=["vidkv"])``.
 
@@ -40,12 +62,15 @@ from vopt.config import VoptConfig, config_field, register_config
 from vopt.errors import ConfigError
 from vopt.kvcache import VidKVConfig
 from vopt.kvcache.cache import FLUSH_POLICIES, VidKVCache
+from vopt.kvcache.salience import SALIENCE_METHODS, by_last_token_attention, by_random, by_text_similarity
 from vopt.pass_protocol import Match, Pass, PassContext, PassKind, PassResult, register_pass
 
 #: Instance attribute holding the cache factory on the working copy.
 FACTORY_ATTR = "vopt_vidkv_cache"
 #: Marker on the wrapped ``generate`` (idempotence).
 _WRAPPED = "_vopt_vidkv_wrapped"
+#: Attribute of a fresh cache holding its pending salience request (consumed by the decoder pre-hook at prefill).
+SALIENCE_ATTR = "vopt_salience_request"
 
 
 @register_config
@@ -69,6 +94,13 @@ class VidKVPassConfig(VoptConfig):
         "'requantize' (the published VidKV flush: re-quantize the whole cache when the window fills; reproduction).")
     prefill_exact: bool = config_field(True, help="Prefill attends to exact K/V (VidKV and KIVI); decode steps see "
                                        "the quantized cache.")
+    protect_salient: float = config_field(
+        0.0, help="Share of visual tokens kept in full precision, chosen by `salience` at prefill (0 = off; the "
+        "reference STP uses 0.2, at 2 bits rather than full precision).")
+    salience: str = config_field(
+        "text_similarity", help="'text_similarity' (mean dot product of visual vs question input embeddings, the "
+        "reference score), 'last_token_attention' (layer-0 attention of the last prompt token) or 'random' (control).")
+    salience_seed: int = config_field(0, help="Seed of salience='random'.")
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -80,6 +112,13 @@ class VidKVPassConfig(VoptConfig):
                 raise ConfigError(f"{name}.{f} must be an integer >= 0, got {v!r}")
         if self.flush not in FLUSH_POLICIES:
             raise ConfigError(f"{name}.flush must be one of {', '.join(FLUSH_POLICIES)}, got {self.flush!r}")
+        p = self.protect_salient
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+            raise ConfigError(f"{name}.protect_salient must be a number in [0, 1] (0 = off), got {p!r}")
+        if self.salience not in SALIENCE_METHODS:
+            raise ConfigError(f"{name}.salience must be one of {', '.join(SALIENCE_METHODS)}, got {self.salience!r}")
+        if isinstance(self.salience_seed, bool) or not isinstance(self.salience_seed, int):
+            raise ConfigError(f"{name}.salience_seed must be an integer, got {self.salience_seed!r}")
 
 
 def _visual_token_ids(config) -> list:
@@ -105,9 +144,123 @@ class VidKVCacheFactory:
         if c.protect_text and input_ids is not None and input_ids.dim() == 2:
             visual = torch.isin(input_ids, torch.tensor(self.visual_ids, device=input_ids.device))
             protected = (~visual).any(0)
-        return VidKVCache(self.model_config, c.vidkv, residual_length=c.residual_length,
-                          protect_first=c.protect_first, protected=protected, prefill_exact=c.prefill_exact,
-                          flush=c.flush)
+        cache = VidKVCache(self.model_config, c.vidkv, residual_length=c.residual_length,
+                           protect_first=c.protect_first, protected=protected, prefill_exact=c.prefill_exact,
+                           flush=c.flush)
+        if c.protect_salient > 0 and input_ids is not None and input_ids.dim() == 2 and self.visual_ids:
+            setattr(cache, SALIENCE_ATTR, SalienceRequest(input_ids, self.visual_ids, c.salience,
+                                                          float(c.protect_salient), c.salience_seed))
+        return cache
+
+
+@dataclass
+class SalienceRequest:
+    """What the decoder pre-hook needs at prefill (stored on a fresh cache as :data:`SALIENCE_ATTR`)."""
+
+    input_ids: torch.Tensor
+    visual_ids: list
+    method: str
+    fraction: float
+    seed: int = 0
+
+
+def _layer0_last_query_keys(decoder, h_in: torch.Tensor, last: int, position_ids: Optional[torch.Tensor]):
+    """Layer 0's post-RoPE query of position ``last`` ``[H, D]`` and keys of positions ``0..last`` ``[Hkv, t, D]``
+    for one row ``h_in [1, T, d]`` (Llama/Qwen2-style decoders: ``layers[0].input_layernorm``, ``self_attn.q_proj`` /
+    ``k_proj``, ``rotary_emb``, the module's ``apply_rotary_pos_emb``)."""
+    import sys
+
+    layer = decoder.layers[0]
+    attn = layer.self_attn
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    t = last + 1
+    h = layer.input_layernorm(h_in[:, :t])
+    pos = position_ids[..., :t] if position_ids is not None else torch.arange(t, device=h.device)[None]
+    cos, sin = decoder.rotary_emb(h, pos)
+    hd = attn.head_dim
+    q = attn.q_proj(h[:, -1:]).view(1, 1, -1, hd)
+    k = attn.k_proj(h).view(1, t, -1, hd)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q, _ = rope(q, q, cos[:, -1:], sin[:, -1:])
+    _, k = rope(k, k, cos, sin)
+    return q[0, :, 0], k[0]
+
+
+def salient_mask(decoder, inputs_embeds: torch.Tensor, req: SalienceRequest,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean ``[B, T]``: the salient visual positions of each row (module docstring), from the prefill's
+    ``inputs_embeds [B, T, d]`` and ``req.input_ids [B, T]``."""
+    ids = req.input_ids.to(inputs_embeds.device)
+    B, T = ids.shape
+    valid = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == ids.shape \
+        else torch.ones_like(ids, dtype=torch.bool)
+    visual = torch.isin(ids, torch.tensor(req.visual_ids, device=ids.device)) & valid
+    out = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
+    ar = torch.arange(T, device=ids.device)
+    for b in range(B):
+        vpos = visual[b].nonzero().reshape(-1)
+        if vpos.numel() == 0:
+            continue
+        if req.method == "text_similarity":
+            text = valid[b] & ~visual[b] & (ar > vpos[-1])
+            if not bool(text.any()):
+                text = valid[b] & ~visual[b]
+            if not bool(text.any()):
+                continue
+            e = inputs_embeds[b]
+            idx = by_text_similarity(e[vpos], e[text], req.fraction)
+        elif req.method == "last_token_attention":
+            last = int(valid[b].nonzero().max())
+            pid = position_ids[b:b + 1] if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 \
+                and position_ids.shape[-1] == T else None
+            q, k = _layer0_last_query_keys(decoder, inputs_embeds[b:b + 1], last, pid)
+            idx = by_last_token_attention(req.fraction, q_last=q, keys=k, visual_index=vpos,
+                                          key_mask=valid[b, : last + 1])
+        else:
+            idx = by_random(int(vpos.numel()), req.fraction, seed=req.seed)
+        out[b, vpos[idx]] = True
+    return out
+
+
+def _as_mask(protected, B: int, T: int, device) -> Optional[torch.Tensor]:
+    if protected is None:
+        return None
+    p = torch.as_tensor(protected, device=device)
+    if p.dtype == torch.bool:
+        return p if p.shape[-1] == T else None
+    m = torch.zeros(T, dtype=torch.bool, device=device)
+    m[p.reshape(-1).long()] = True
+    return m
+
+
+def _salience_pre_hook(module, args, kwargs):
+    """Decoder forward pre-hook: at the prefill of a cache carrying a :class:`SalienceRequest`, protect the salient
+    visual positions (``cache.protect``) before any layer's ``update`` (module docstring)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    req = getattr(cache, SALIENCE_ATTR, None)
+    if not isinstance(req, SalienceRequest) or any(layer.is_initialized for layer in cache.layers):
+        return None
+    setattr(cache, SALIENCE_ATTR, None)  # consumed once
+    emb = kwargs.get("inputs_embeds")
+    if not isinstance(emb, torch.Tensor) or tuple(emb.shape[:2]) != tuple(req.input_ids.shape):
+        return None
+    with torch.no_grad():
+        mask = salient_mask(module, emb, req, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+    B, T = mask.shape
+    prev = _as_mask(cache.layers[0].protected, B, T, mask.device)
+    cache.protect(mask if prev is None else (mask | prev))
+    return None
+
+
+def _supports_layer0_attention(decoder) -> bool:
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0 or not hasattr(decoder, "rotary_emb"):
+        return False
+    attn = getattr(layers[0], "self_attn", None)
+    return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "head_dim")) and hasattr(layers[0], "input_layernorm")
 
 
 def _wrap_generate(model) -> None:
@@ -171,10 +324,28 @@ class VidKVPass(Pass):
         what = (f"VidKVLayer mode={v.mode.value} K{v.anomalous_fraction:g}x2bit G={v.key_group_size} "
                 f"V={v.value_codec.value}/{v.value_axis.value} R={c.residual_length} protect_first={c.protect_first}"
                 f"{' protect_text' if c.protect_text else ''} flush={c.flush}")
+        decoder = None
+        if c.protect_salient > 0:
+            get = getattr(model, "get_decoder", None)
+            decoder = get() if callable(get) else None
+            reason = None
+            if not isinstance(decoder, torch.nn.Module):
+                reason = "protect_salient needs model.get_decoder() (the module that receives inputs_embeds)"
+            elif not _visual_token_ids(config):
+                reason = "protect_salient needs video/image token ids in the model config"
+            elif c.salience == "last_token_attention" and not _supports_layer0_attention(decoder):
+                reason = ("salience='last_token_attention' needs a Llama/Qwen2-style decoder (layers[0].self_attn."
+                          "q_proj/k_proj, input_layernorm, rotary_emb)")
+            if reason:
+                result.matches.append(Match("model", kind, rewritten=False, reason=reason))
+                return result
+            what += f" protect_salient={c.protect_salient:g} salience={c.salience}"
         if not ctx.dry_run:
             factory = VidKVCacheFactory(config, c)
             setattr(model, FACTORY_ATTR, factory)
             _wrap_generate(model)
+            if decoder is not None:
+                decoder.register_forward_pre_hook(_salience_pre_hook, with_kwargs=True)
         for i in range(n):
             result.matches.append(Match(f"language_model.layers.{i}", what, rewritten=True))
         return result

@@ -9,6 +9,9 @@ Spec: ``shared/specs/kvcache.md``. Importing it loads torch and nothing heavier.
 * :mod:`.decode_attention`: :func:`packed_decode_attention`, exact attention of decode queries over packed blocks +
   a full-precision window, computed on the codes (2-bit channels on integer codes, FFT-sign keys in the frequency
   domain); the oracle of the Triton kernel ``vopt.kernels.vidkv_decode``.
+* :mod:`.salience`: :func:`salient_visual_tokens` and its scores :func:`by_text_similarity` (the reference STP score,
+  §1.4), :func:`by_last_token_attention`, :func:`by_random` (control), :func:`top_fraction`: which visual tokens to
+  keep in full precision (``VidKVCache(protected=...)``; the ``vidkv`` pass's ``protect_salient``).
 * :mod:`.cache`: :class:`VidKVCache` / :class:`VidKVLayer`, the transformers cache (imports transformers; loaded lazily
   on first access of those names).
 """
@@ -32,12 +35,21 @@ from .quantizers import (
     quantize_keys,
     quantize_values,
 )
+from .salience import (
+    SALIENCE_METHODS,
+    by_last_token_attention,
+    by_random,
+    by_text_similarity,
+    salient_visual_tokens,
+    top_fraction,
+)
 
 __all__ = [
     "CATEGORIES", "ChannelSplit", "KVAccount", "KVQuantMode", "MetadataDtype", "PackedCodes", "PackedKeys",
     "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "dequantize_keys",
     "dequantize_values", "kivi_config", "pack_bits", "packed_decode_attention", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
-    "unpack_trits", "VidKVCache", "VidKVLayer",
+    "unpack_trits", "VidKVCache", "VidKVLayer", "SALIENCE_METHODS", "by_last_token_attention", "by_random",
+    "by_text_similarity", "salient_visual_tokens", "top_fraction",
 ]
 
 _LAZY = ("VidKVCache", "VidKVLayer")
