@@ -1,0 +1,434 @@
+"""``holitom``: HoliTom outer-LLM visual-token merging on an unmodified LLaVA-OneVision (runtime pass).
+
+What it does. A **runtime** pass on vopt's working copy (``vopt.optimize`` never touches the caller's model). On a
+``LlavaOnevisionForConditionalGeneration`` (or a subclass) it shadows ``forward`` **on that instance only** (a bound
+method stored as an instance attribute; ``copy.deepcopy`` rebinds it; transformers and the model class are never
+patched). ``model(...)`` and every ``nn.Module.__call__`` reach the wrapper. A call that carries
+``pixel_values_videos`` with ``input_ids`` (no ``inputs_embeds``, no image ``pixel_values``, no filled cache) is
+rewritten as follows (spec ``shared/specs/tokens.md`` §1, §3 "LlavaOnevision feature-count check", Option A):
+
+(a) the video features are the model's own: ``model.get_video_features(pixel_values_videos, ...).pooler_output``
+    (vision tower -> ``vision_feature_layer`` -> projector -> bilinear 2x2 pooling -> one ``image_newline`` appended),
+    so before merging the numbers are bit-identical to what the unmodified forward scatters;
+(b) per sample, the ``[F*n]`` frame tokens (without the newline) are reshaped to ``[F, n, D]`` and merged by
+    :func:`vopt.merging.holitom_merge` with the nested :class:`~vopt.merging.HoliTomConfig`; the newline is kept
+    after the merged tokens, where the model places it ("one_token" order, §1.5);
+(c) each row is rebuilt as ``text before the video | merged tokens + newline | text after``: ``inputs_embeds`` (text
+    embedded by the model's own ``get_input_embeddings()``), ``input_ids`` (fewer video placeholders) and
+    ``attention_mask``. Rows of a batch may keep different counts: they are padded to the longest row on the side the
+    caller padded (right padding unless every row ends with a real token and some row starts with padding), with the
+    text config's ``pad_token_id`` (else 0) embedded and ``attention_mask = 0``; ``labels`` get ``-100``;
+(d) the class ``forward`` is called with ``input_ids=None, inputs_embeds=<shortened>, attention_mask=<shortened>`` and
+    no ``pixel_values_videos``, so the model's placeholder-count check is never bypassed (it is simply not needed).
+
+Positions (spec §1.5, §3 R1-R3). **Compact**: the language model receives ``position_ids=None``, i.e. it numbers the
+shortened sequence ``0..L'-1`` itself, exactly as it numbers an unmerged sequence (``cache_position`` = ``arange(L')``,
+physical), which is the published HoliTom outer-stage behaviour (LLaVA-NeXT rebuilds ``inputs_embeds`` with
+``position_ids=None``); it is the default (``positions='compact'``). With right padding each row's real tokens are
+therefore contiguous from 0; with left padding the positions include the padding, as in the unmodified model.
+Caller-supplied ``position_ids`` are passed through only when no row was shortened, and replaced by ``None`` otherwise.
+``positions='original'`` (spec R1 "original", R2) instead passes explicit gapped ``position_ids``: every kept token
+gets the position the unmodified model gives its slot (text: its own; a merged token: its representative's
+placeholder slot ``s + frame*n + spatial``, a temporally merged static token the segment's first frame; the newline:
+the block's last slot), taken from the caller's ``position_ids`` or ``arange(L)``; ``cache_position`` stays physical
+(R3), so causality is by physical order. With pure selection (no temporal merge, ``dominant_ratio`` = 0) this equals the
+unmodified model with the dropped placeholders masked out of ``attention_mask`` (tested). On the trained tiny model it
+is markedly more faithful than compact positions (the report's table); ``generate`` continuation with gapped ids is
+not handled (R4).
+
+Logits layout (``logits`` option):
+
+* ``'original'`` (default): the logits are scattered back to the caller's sequence layout ``[B, L, V]``: a text token's
+  logits sit at its original index, the merged tokens + newline occupy the first ``m+1`` slots of the row's video
+  block, the remaining (dropped) placeholder slots and unmapped padding hold zeros. So callers that read the answer at
+  ``attention_mask.sum(1) - 1`` of **their own** mask (``vopt.eval`` does, and it checks ``logits.shape[:2] ==
+  input_ids.shape``) work unchanged. Only the full-sequence case is remapped (``logits_to_keep=0``).
+* ``'compact'``: the logits of the shortened sequence ``[B, L', V]``; read a row's last real token at
+  ``out.attention_mask.sum(1) - 1`` (the **new** mask, returned on the output) for right padding.
+
+Either way the output carries ``out.holitom`` (:class:`HoliTomCallInfo`: new ``input_ids`` / ``attention_mask``, the
+map ``index[b, j]`` = the caller's position of new token ``j`` (merged tokens + newline: the first slots of the
+video block; ``-1`` for added padding), video tokens before/after per row, per-row :class:`~vopt.merging.MergeResult`)
+and, in ``'compact'`` layout,
+``out.attention_mask`` (a plain attribute: not part of ``to_tuple()``).
+
+Identity: with ``retain_ratio=1.0`` (or ``token_budget >= F*n``) ``holitom_merge`` returns the tokens unchanged, the
+rebuilt ``inputs_embeds`` equal the model's own ``masked_scatter`` result, and the logits equal the unmodified model's.
+
+Attention scores: the spec's scores (attention received in the last kept SigLIP layer, §1.1) are **not** computed yet;
+``holitom_merge`` gets ``scores=None`` and uses its feature-only proxy (documented there).
+
+``generate``: transformers 5.x's ``generate`` precomputes ``mm_encoder_outputs`` and never hands the forward
+``pixel_values_videos``, so the ``forward`` wrapper alone would leave generation unmerged (it passes such calls through
+unchanged, as it does decode steps with a filled cache). ``generate`` is therefore shadowed too (same instance-only
+mechanism): a call with ``input_ids`` + ``pixel_values_videos`` becomes ``generate(inputs_embeds=<shortened>,
+attention_mask=<shortened>, ...)`` (spec §3 Option A; compact positions, physical ``cache_position``), which returns
+**only the new tokens**. ``positions='original'`` raises there (gapped ids + generate, spec R4, not handled). A
+right-padded batch generates after its padding, exactly as the unmodified model does with right padding: use left
+padding (or batch 1) for generation. Inner-LLM merging (§2) is not part of this pass.
+
+Why **not a default pass**: it drops visual tokens (changes answers). Opt in with
+``vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(merge=HoliTomConfig(...))}),
+passes=["holitom"])``.
+
+Measured (trained tiny ``zoo.build("llava-onevision")``, 8 frames x 4 pooled tokens + newline = 33 video tokens per
+clip, ``vopt.eval.compare`` on 64 test clips, baseline accuracy 0.891, tau 0.8, proxy scores; ``tests/
+test_holitom_pass.py`` prints it): retain 0.5 -> 787/2112 video tokens kept (37.3%; temporal merging of static
+clips leaves fewer survivors than the budget), agreement 0.656 / accuracy delta -0.203 (compact positions), 0.750 /
+-0.156 (original positions); retain 0.25 -> 552/2112 (26.1%), 0.594 / -0.266 (compact), 0.750 / -0.219 (original).
+
+Report: one :class:`Match` (``where="model"``, ``what`` = class + config); at the first merged call the match's
+``what`` gains the measured token reduction (``first call: video tokens X -> Y``). Running totals are kept on the
+working copy as ``model.vopt_holitom_stats`` (:class:`HoliTomStats`). Models that are not LLaVA-OneVision are skipped
+with the reason.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+
+from vopt.config import VoptConfig, config_field, register_config
+from vopt.errors import ConfigError
+from vopt.merging import HoliTomConfig, MergeResult, holitom_merge
+from vopt.pass_protocol import Match, Pass, PassContext, PassKind, PassResult, register_pass
+
+#: Marker on the wrapped ``forward`` (idempotence).
+_WRAPPED = "_vopt_holitom_wrapped"
+#: Instance attribute with the running statistics.
+STATS_ATTR = "vopt_holitom_stats"
+LOGITS_LAYOUTS = ("original", "compact")
+POSITION_MODES = ("compact", "original")
+
+
+@register_config
+@dataclass
+class HoliTomPassConfig(VoptConfig):
+    """Config of the ``holitom`` pass."""
+
+    merge: HoliTomConfig = config_field(
+        default_factory=HoliTomConfig,
+        help="Outer-LLM merging numerics (HoliTomConfig: retain_ratio, token_budget, tau, beta, knn, ...). The "
+        "budget applies per video (F frames x n pooled tokens, the newline excluded).")
+    logits: str = config_field(
+        "original", help="'original' (logits scattered back to the caller's [B, L] layout, so answer positions "
+        "from the caller's attention_mask stay valid) or 'compact' (logits of the shortened sequence [B, L'], read "
+        "with out.attention_mask).")
+
+    positions: str = config_field(
+        "compact", help="'compact' (the LM numbers the shortened sequence 0..L'-1 itself: published HoliTom outer "
+        "stage) or 'original' (each kept token keeps the position the unmodified model gives it: text its own, a "
+        "merged token its representative's placeholder slot (frame, spatial index), the newline the block's last "
+        "slot; gapped, spec R1/R2).")
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.positions not in POSITION_MODES:
+            raise ConfigError(f"{name}.positions={self.positions!r} is invalid; accepted: {', '.join(POSITION_MODES)}")
+        if not isinstance(self.merge, HoliTomConfig):
+            raise ConfigError(f"{name}.merge must be a HoliTomConfig, got {type(self.merge).__name__}")
+        if self.logits not in LOGITS_LAYOUTS:
+            raise ConfigError(f"{name}.logits={self.logits!r} is invalid; accepted: {', '.join(LOGITS_LAYOUTS)}")
+
+
+@dataclass
+class HoliTomStats:
+    """Running totals of the merged calls of one working copy (``model.vopt_holitom_stats``)."""
+
+    calls: int = 0
+    videos: int = 0
+    tokens_before: int = 0   #: video placeholder tokens the unmodified model would have fed the LM (newline included)
+    tokens_after: int = 0    #: video tokens the LM actually received (newline included)
+    passthrough: int = 0     #: calls forwarded unchanged (no video, images, cache filled, inputs_embeds given)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.tokens_after / self.tokens_before if self.tokens_before else 1.0
+
+
+@dataclass
+class HoliTomCallInfo:
+    """What one merged call did (``out.holitom``)."""
+
+    input_ids: torch.Tensor                 #: [B, L'] shortened ids (fewer video placeholders, padded)
+    attention_mask: torch.Tensor            #: [B, L'] mask of the shortened sequence
+    index: torch.Tensor                     #: [B, L'] caller's position of each new token; -1: added padding
+    tokens_before: List[int] = field(default_factory=list)  #: per row, video tokens incl. newline
+    tokens_after: List[int] = field(default_factory=list)
+    merges: List[MergeResult] = field(default_factory=list)
+
+
+@dataclass
+class MergedInputs:
+    """Output of :func:`merge_video_inputs`."""
+
+    inputs_embeds: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    index: torch.Tensor
+    slot: torch.Tensor  #: [B, L'] caller's slot whose position each token takes (-1: added padding)
+    labels: Optional[torch.Tensor]
+    tokens_before: List[int]
+    tokens_after: List[int]
+    merges: List[MergeResult]
+
+    @property
+    def shortened(self) -> bool:
+        return any(a != b for a, b in zip(self.tokens_before, self.tokens_after))
+
+
+def _supported(model) -> Optional[str]:
+    """None when ``model`` is a LLaVA-OneVision generation model this pass can wrap, else the reason."""
+    try:
+        from transformers import LlavaOnevisionForConditionalGeneration
+    except ImportError:  # pragma: no cover
+        return "transformers has no LlavaOnevisionForConditionalGeneration"
+    if not isinstance(model, LlavaOnevisionForConditionalGeneration):
+        return (f"{type(model).__name__} is not a LlavaOnevisionForConditionalGeneration (the pass rebuilds "
+                "LLaVA-OneVision's video-token splice; other families are not supported yet)")
+    cfg = model.config
+    if not isinstance(getattr(cfg, "video_token_id", None), int):
+        return "the model config has no integer video_token_id"
+    if getattr(model.model, "image_newline", None) is None:
+        return "the model has no image_newline (the one-token video layout is expected)"
+    return None
+
+
+def _pad_id(model) -> int:
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    pad = getattr(text, "pad_token_id", None)
+    if not isinstance(pad, int):
+        pad = getattr(model.config, "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    return bool((mask[:, -1] != 0).all()) and bool((mask[:, 0] == 0).any())
+
+
+def merge_video_inputs(model, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
+                       config: HoliTomConfig, attention_mask: Optional[torch.Tensor] = None,
+                       labels: Optional[torch.Tensor] = None, vision_feature_layer=None,
+                       vision_feature_select_strategy=None) -> MergedInputs:
+    """Shortened ``inputs_embeds`` / ``input_ids`` / ``attention_mask`` (module docstring, steps a-c).
+
+    ``model``: a LLaVA-OneVision generation model. Each row must hold exactly one contiguous block of
+    ``F*n + 1`` video placeholders (``F`` frames of ``n`` pooled tokens, then the newline)."""
+    vid = model.config.video_token_id
+    B, L = input_ids.shape
+    if pixel_values_videos.dim() != 5 or pixel_values_videos.shape[0] != B:
+        raise ValueError(f"holitom: pixel_values_videos must be [B={B}, frames, C, H, W], got "
+                         f"{tuple(pixel_values_videos.shape)}")
+    F = pixel_values_videos.shape[1]
+    feats = model.get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                                     vision_feature_select_strategy=vision_feature_select_strategy,
+                                     return_dict=True).pooler_output  # [B, F*n + 1, D], newline last
+    embed = model.get_input_embeddings()
+    embeds = embed(input_ids)
+    feats = feats.to(embeds.device, embeds.dtype)
+    total = feats.shape[1]
+    if (total - 1) % F:
+        raise ValueError(f"holitom: {total - 1} video tokens are not a multiple of {F} frames")
+    n = (total - 1) // F
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows_e, rows_i, rows_m, rows_x, rows_l, rows_s = [], [], [], [], [], []
+    before, after, merges = [], [], []
+    for b in range(B):
+        pos = (input_ids[b] == vid).nonzero().reshape(-1)
+        if pos.numel() != total:
+            raise ValueError(f"holitom: row {b} has {pos.numel()} video placeholders, the video has {total} features "
+                             f"({F} frames x {n} + newline)")
+        s, e = int(pos[0]), int(pos[-1]) + 1
+        if e - s != total:
+            raise ValueError(f"holitom: row {b}'s video placeholders are not contiguous")
+        mr = holitom_merge(feats[b, :F * n].reshape(F, n, -1), config)
+        vis = torch.cat([mr.tokens.to(embeds.dtype), feats[b, F * n:]], 0)
+        m = vis.shape[0]
+        merges.append(mr)
+        before.append(total)
+        after.append(m)
+        ar = torch.arange(L, device=input_ids.device)
+        rows_e.append(torch.cat([embeds[b, :s], vis, embeds[b, e:]], 0))
+        rows_i.append(torch.cat([input_ids[b, :s], input_ids.new_full((m,), vid), input_ids[b, e:]]))
+        rows_m.append(torch.cat([mask[b, :s], mask.new_ones((m,)), mask[b, e:]]))
+        rows_x.append(torch.cat([ar[:s], ar[s:s + m], ar[e:]]))  # merged tokens -> first m slots of the block
+        rep_slot = s + mr.positions[:, 0].to(ar.device) * n + mr.positions[:, 1].to(ar.device)  # representative's
+        rows_s.append(torch.cat([ar[:s], rep_slot, ar[e - 1:e], ar[e:]]))
+        if labels is not None:
+            rows_l.append(torch.cat([labels[b, :s], labels.new_full((m,), -100), labels[b, e:]]))
+    Lp = max(r.shape[0] for r in rows_e)
+    left = attention_mask is not None and _left_padded(attention_mask)
+    pad_id = _pad_id(model)
+    pad_emb = embed(torch.tensor([pad_id], device=input_ids.device)).to(embeds.dtype)[0]
+
+    def pad(rows, value):
+        out = []
+        for r in rows:
+            k = Lp - r.shape[0]
+            if k == 0:
+                out.append(r)
+                continue
+            fill = value.expand(k, -1) if r.dim() == 2 else r.new_full((k,), value)
+            out.append(torch.cat([fill, r] if left else [r, fill], 0))
+        return torch.stack(out)
+
+    new_mask = pad(rows_m, 0)
+    return MergedInputs(pad(rows_e, pad_emb), pad(rows_i, pad_id), new_mask, pad(rows_x, -1), pad(rows_s, -1),
+                        pad(rows_l, -100) if labels is not None else None, before, after, merges)
+
+
+def _original_positions(mi: MergedInputs, position_ids: Optional[torch.Tensor], shape) -> torch.Tensor:
+    """``position_ids [B, L']`` for ``positions='original'``: each token takes the position of its caller slot
+    (``mi.slot``) under the caller's ``position_ids`` (default ``arange(L)``, what the unmodified LM uses); added
+    padding continues after the row's largest position (padding is masked out anyway)."""
+    B, L = shape
+    slot = mi.slot
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == L:
+        src = position_ids.to(slot.device).expand(B, L)
+    else:
+        src = torch.arange(L, device=slot.device).expand(B, L)
+    pos = src.gather(1, slot.clamp(min=0))
+    pad = slot < 0
+    if bool(pad.any()):
+        nxt = pos.masked_fill(pad, -1).max(1, keepdim=True).values + 1
+        pos = torch.where(pad, nxt + pad.long().cumsum(1) - 1, pos)
+    return pos
+
+
+def _cache_filled(cache) -> bool:
+    if cache is None:
+        return False
+    try:
+        return int(cache.get_seq_length()) > 0
+    except Exception:  # noqa: BLE001 - an unknown cache type: treat as filled (do not merge)
+        return True
+
+
+def _record(stats: HoliTomStats, mi: MergedInputs, match: Match) -> None:
+    stats.calls += 1
+    stats.videos += len(mi.tokens_before)
+    stats.tokens_before += sum(mi.tokens_before)
+    stats.tokens_after += sum(mi.tokens_after)
+    if stats.calls == 1 and "first call" not in match.what:
+        tb, ta = sum(mi.tokens_before), sum(mi.tokens_after)
+        match.what += f"; first call: video tokens {tb} -> {ta} ({ta / tb:.1%} kept, {len(mi.tokens_before)} videos)"
+
+
+def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
+    """Shadow ``generate`` on this instance: a call with ``pixel_values_videos`` and ``input_ids`` is turned into
+    ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>)`` (spec §3 Option A). transformers 5.x's own
+    ``generate`` never reaches the ``forward`` wrapper with ``pixel_values_videos`` (it precomputes
+    ``mm_encoder_outputs``), so without this it would run unmerged."""
+    previous = vars(model).get("generate")
+    cls_generate = type(model).generate
+
+    def generate(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
+        call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
+        if (pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
+                or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None):
+            return call(*args, **kwargs)
+        if cfg.positions != "compact":
+            raise NotImplementedError(
+                "holitom: generate() with positions='original' (gapped position ids) is not supported (spec §3 R4); "
+                "use HoliTomPassConfig(positions='compact') for generation")
+        with torch.no_grad():
+            mi = merge_video_inputs(self, ids, pv, cfg.merge, kwargs.get("attention_mask"), None,
+                                    kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+        for k in ("input_ids", "pixel_values_videos", "image_sizes_videos", "position_ids"):
+            kwargs.pop(k, None)
+        kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
+        _record(getattr(self, STATS_ATTR), mi, match)
+        return call(*args, **kwargs)
+
+    generate.__doc__ = ("HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new tokens when it "
+                        f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    setattr(generate, _WRAPPED, True)
+    model.generate = types.MethodType(generate, model)
+
+
+def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
+    """Shadow ``forward`` on this instance (module docstring)."""
+    cls_forward = type(model).forward
+    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
+
+    def forward(self, *args, **kwargs):
+        for name, value in zip(names, args):
+            kwargs[name] = value
+        stats = getattr(self, STATS_ATTR)
+        ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
+        if (pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
+                or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+                or _cache_filled(kwargs.get("cache", kwargs.get("past_key_values")))):
+            stats.passthrough += 1
+            return cls_forward(self, **kwargs)
+        mi = merge_video_inputs(self, ids, pv, cfg.merge, kwargs.get("attention_mask"), kwargs.get("labels"),
+                                kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+        kwargs.pop("pixel_values_videos")
+        kwargs.pop("image_sizes_videos", None)
+        kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
+        if mi.labels is not None:
+            kwargs["labels"] = mi.labels
+        if cfg.positions == "original":
+            kwargs["position_ids"] = _original_positions(mi, kwargs.get("position_ids"), ids.shape)
+        elif mi.shortened:
+            kwargs["position_ids"] = None
+        out = cls_forward(self, **kwargs)
+        _record(stats, mi, match)
+        logits = getattr(out, "logits", None)
+        keep = kwargs.get("logits_to_keep", 0)
+        if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3
+                and isinstance(keep, int) and keep == 0 and logits.shape[1] == mi.index.shape[1]):
+            B, L = ids.shape
+            full = logits.new_zeros(B, L, logits.shape[-1])
+            rows = torch.arange(B, device=logits.device)[:, None].expand_as(mi.index)
+            ok = mi.index >= 0
+            idx = mi.index
+            full[rows[ok], idx[ok]] = logits[ok]
+            out.logits = full
+        elif cfg.logits == "compact":
+            out.attention_mask = mi.attention_mask
+        out.holitom = HoliTomCallInfo(mi.input_ids, mi.attention_mask, mi.index, mi.tokens_before,
+                                      mi.tokens_after, mi.merges)
+        return out
+
+    forward.__doc__ = f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}"
+    forward.__signature__ = inspect.signature(cls_forward)  # generate() validates its kwargs against it
+    setattr(forward, _WRAPPED, True)
+    model.forward = types.MethodType(forward, model)  # instance attribute: the class (and transformers) untouched
+
+
+@register_pass
+class HoliTomPass(Pass):
+    name = "holitom"
+    summary = "HoliTom outer-LLM video-token merging for LLaVA-OneVision (shortened inputs_embeds; opt-in)"
+    config_cls = HoliTomPassConfig
+    kind = PassKind.RUNTIME
+    provides = frozenset({"tokens:holitom_outer"})
+    default = False  # drops visual tokens: opt-in
+
+    def run_runtime(self, model: Any, ctx: PassContext) -> PassResult:
+        result = PassResult(self.name, "model")
+        kind = type(model).__name__
+        reason = _supported(model)
+        if reason is None and getattr(vars(model).get("forward"), _WRAPPED, False):
+            reason = "forward() is already wrapped by holitom"
+        if reason is not None:
+            result.matches.append(Match("model", kind, rewritten=False, reason=reason))
+            return result
+        m = self.config.merge
+        budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"
+        what = (f"{kind} HoliTom outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
+                f"rounding={m.budget_rounding.value} positions={self.config.positions} logits={self.config.logits}")
+        match = Match("model", what, rewritten=True)
+        if not ctx.dry_run:
+            setattr(model, STATS_ATTR, HoliTomStats())
+            _wrap_forward(model, self.config, match)
+            _wrap_generate(model, self.config, match)
+        result.matches.append(match)
+        return result

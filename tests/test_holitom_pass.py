@@ -1,0 +1,266 @@
+"""The ``holitom`` runtime pass: HoliTom outer-LLM merging on the working copy of a LLaVA-OneVision model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vopt
+import vopt.eval
+from vopt import zoo
+from vopt.errors import ConfigError
+from vopt.eval import scoring
+from vopt.eval import video_task as vt
+from vopt.merging import HoliTomConfig
+from vopt.optimize import OptimizeConfig
+from vopt.pass_protocol import PassKind, registered_passes
+from vopt.passes.holitom import STATS_ATTR, HoliTomPassConfig
+
+
+@pytest.fixture(scope="module")
+def base():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = zoo.build("llava-onevision").model.eval()  # the trained tiny model
+    yield model
+    torch.set_num_threads(n)
+
+
+def _opt(model, retain=0.5, **kw):
+    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
+    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+
+
+def _inputs(model, n=4, seed=0, samples=None):
+    samples = scoring.qa_samples("test", n, seed, 8, samples)
+    return scoring.model_inputs(model, samples)
+
+
+class _LMSpy:
+    """Forward pre-hook on the working copy's language model: what the LM actually receives."""
+
+    def __init__(self, opt):
+        self.lengths, self.real = [], []
+        lm = opt.module.model.language_model
+        self.handle = lm.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.lengths.append(kwargs["inputs_embeds"].shape[1])
+        mask = kwargs.get("attention_mask")
+        self.real.append(mask.sum(1).tolist())
+
+    def close(self):
+        self.handle.remove()
+
+
+def test_registered_opt_in_runtime():
+    cls = registered_passes()["holitom"]
+    assert cls.kind is PassKind.RUNTIME and cls.default is False and cls.config_cls is HoliTomPassConfig
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="logits"):
+        HoliTomPassConfig(logits="gapped")
+    with pytest.raises(ConfigError, match="retain_ratio"):
+        HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=0.0))
+    with pytest.raises(ConfigError, match="merge"):
+        HoliTomPassConfig(merge="half")
+    c = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=0.25, tau=0.65), logits="compact")
+    assert HoliTomPassConfig.from_json(c.to_json()) == c
+
+
+def test_identity_at_retain_1(base):
+    opt = _opt(base, 1.0)
+    inputs = _inputs(base, n=4)
+    pos = vt.answer_positions(inputs["attention_mask"])
+    with torch.no_grad():
+        ref = base(**inputs).logits
+        out = opt(**inputs)
+    assert out.logits.shape == ref.shape
+    rows = torch.arange(4)
+    torch.testing.assert_close(out.logits[rows, pos], ref[rows, pos], atol=1e-5, rtol=0)
+    assert out.holitom.tokens_after == out.holitom.tokens_before
+    # a budget >= every token is the identity too
+    opt2 = vopt.optimize(base, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(
+        merge=HoliTomConfig(token_budget=10_000))}), passes=["holitom"])
+    with torch.no_grad():
+        out2 = opt2(**inputs)
+    torch.testing.assert_close(out2.logits[rows, pos], ref[rows, pos], atol=1e-5, rtol=0)
+
+
+def test_caller_model_untouched(base):
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    opt = _opt(base, 0.25)
+    inputs = _inputs(base, n=2)
+    with torch.no_grad():
+        opt(**inputs)
+        out = base(**inputs)
+    assert "forward" not in vars(base) and not hasattr(base, STATS_ATTR)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_llava_skipped_with_reason():
+    model = zoo.build("llama", pretrained=False).model
+    opt = vopt.optimize(model, passes=["holitom"])
+    (res,) = opt.report.runtime_results
+    (m,) = res.matches
+    assert not m.rewritten and "not a LlavaOnevisionForConditionalGeneration" in m.reason
+    assert "forward" not in vars(opt.module.eager if hasattr(opt.module, "eager") else opt.module)
+
+
+@pytest.mark.parametrize("retain,positions", [(0.5, "compact"), (0.25, "compact"), (0.5, "original"),
+                                              (0.25, "original")])
+def test_trained_model_fidelity_and_reduction(base, retain, positions):
+    samples = scoring.qa_samples("test", 64, 0, 8, None)
+    opt = _opt(base, retain, positions=positions)
+    spy = _LMSpy(opt)
+    try:
+        cmp = vopt.eval.compare(base, opt, samples=samples, stages=False)
+        cmp2 = vopt.eval.compare(base, opt, samples=samples, stages=False)
+    finally:
+        spy.close()
+    stats = getattr(opt.module, STATS_ATTR)
+    full_len = scoring.model_inputs(base, samples)["input_ids"].shape[1]
+    full_real = scoring.model_inputs(base, samples)["attention_mask"].sum(1)
+    # what the LM saw: shorter sequences, and per row exactly the merged count of video tokens fewer
+    assert spy.lengths[0] < full_len
+    removed = (full_real - torch.tensor(spy.real[0])).sum().item()
+    assert removed == stats.tokens_before // 2 - stats.tokens_after // 2 > 0  # two identical compare runs
+    kept = stats.tokens_after / stats.tokens_before
+    kept_tokens, all_tokens = stats.tokens_after // 2, stats.tokens_before // 2
+    assert kept <= retain + 1.0 / 33 + 1e-9  # budget per video + the newline
+    # deterministic
+    assert cmp.to_dict() == cmp2.to_dict()
+    # the report carries the measured reduction of the first call
+    (match,) = opt.report.runtime_results[0].matches
+    assert "first call: video tokens" in match.what
+    d = cmp.to_dict()
+    qa = vopt.eval.video_qa(opt, samples=samples)
+    assert qa.accuracy == pytest.approx(d["accuracy_optimized"])
+    print(f"\nholitom retain={retain} positions={positions}: video tokens kept {kept_tokens}/{all_tokens} "
+          f"({kept:.1%}); agreement {d['agreement']:.4f}; accuracy {d['accuracy_baseline']:.4f} -> "
+          f"{d['accuracy_optimized']:.4f} (delta {d['accuracy_delta']:+.4f})")
+    assert d["agreement"] > 0.3  # runs and is far from chance-level disagreement; the measured values are printed
+
+
+def test_batch_of_two_with_different_counts_matches_batch_of_one(base):
+    opt = _opt(base, 0.5, logits="compact")
+    samples = scoring.qa_samples("test", 16, 0, 8, None)
+    with torch.no_grad():
+        counts = [opt(**scoring.model_inputs(base, [s])).holitom.tokens_after[0] for s in samples]
+    i = 0
+    j = next(k for k in range(1, len(samples)) if counts[k] != counts[0])
+    pair = [samples[i], samples[j]]
+    with torch.no_grad():
+        out2 = opt(**scoring.model_inputs(base, pair))
+        singles = [opt(**scoring.model_inputs(base, [s])) for s in pair]
+    assert out2.holitom.tokens_after == [counts[i], counts[j]]
+    pos2 = out2.attention_mask.sum(1) - 1  # the new mask: right padding after different merged counts
+    for r, one in enumerate(singles):
+        a = out2.logits[r, pos2[r]]
+        b = one.logits[0, one.attention_mask.sum(1)[0] - 1]
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert int(a.argmax()) == int(b.argmax())
+    # the 'original' layout gives the same answer logits at the caller's answer positions
+    opt_o = _opt(base, 0.5)
+    inputs = scoring.model_inputs(base, pair)
+    with torch.no_grad():
+        out_o = opt_o(**inputs)
+    pos = vt.answer_positions(inputs["attention_mask"])
+    torch.testing.assert_close(out_o.logits[torch.arange(2), pos], out2.logits[torch.arange(2), pos2],
+                               atol=1e-5, rtol=0)
+
+
+def _kept_slots(inputs, out, n_per_frame):
+    """[B] lists: the caller's placeholder slots of the tokens each row kept (selection only) + the newline slot."""
+    vid = 501
+    slots = []
+    for b, mr in enumerate(out.holitom.merges):
+        pos = (inputs["input_ids"][b] == vid).nonzero().reshape(-1)
+        s, e = int(pos[0]), int(pos[-1]) + 1
+        slots.append([s + int(t) * n_per_frame + int(sp) for t, sp in mr.positions.tolist()] + [e - 1])
+    return slots
+
+
+def _left_pad(inputs):
+    """The same rows, padded on the left instead of the right."""
+    out = dict(inputs)
+    ids, mask = inputs["input_ids"].clone(), inputs["attention_mask"].clone()
+    for b in range(ids.shape[0]):
+        k = int((mask[b] == 0).sum())
+        ids[b], mask[b] = ids[b].roll(k), mask[b].roll(k)
+    out["input_ids"], out["attention_mask"] = ids, mask
+    return out
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_original_positions_equal_masking_the_dropped_tokens(base, side):
+    """Reference computation for positions: with pure selection (tau=1: no temporal merge; D=0: attention top-k) and
+    positions='original', HoliTom must equal the unmodified model with the dropped placeholders masked out (the same
+    padded batch; right and left padding)."""
+    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=0.25, tau=1.0), positions="original")
+    opt = vopt.optimize(base, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+    inputs = _inputs(base, n=6)
+    if side == "left":
+        inputs = _left_pad(inputs)
+    spy = _LMSpy(opt)
+    pos_seen = []
+    h = opt.module.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: pos_seen.append(k.get("position_ids")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = opt(**inputs)
+    finally:
+        spy.close()
+        h.remove()
+    # rows where merging is a pure selection (fp cosines of identical frames can exceed 1 = tau: those rows still merge)
+    pure = [b for b, mr in enumerate(out.holitom.merges) if bool((mr.counts == 1).all())]
+    assert len(pure) >= 2
+    slots = _kept_slots(inputs, out, 4)
+    mask = inputs["attention_mask"].clone()
+    vid = inputs["input_ids"] == 501
+    mask[vid] = 0
+    for b, sl in enumerate(slots):
+        mask[b, sl] = 1
+    with torch.no_grad():
+        ref = base(**{**inputs, "attention_mask": mask}).logits
+    pos = vt.answer_positions(inputs["attention_mask"]) if side == "right" else torch.full((6,), mask.shape[1] - 1)
+    rows = torch.tensor(pure)
+    torch.testing.assert_close(out.logits[rows, pos[rows]], ref[rows, pos[rows]], atol=1e-4, rtol=1e-4)
+    # the LM saw gapped position ids: text keeps its own, kept video tokens their representatives' slots
+    p = pos_seen[0]
+    assert p is not None and p.shape[1] == spy.lengths[0] < inputs["input_ids"].shape[1]
+    for b, sl in enumerate(slots):
+        if side == "left":
+            continue  # the added left padding shifts the rows; the logits check above covers them
+        s = int(vid[b].nonzero()[0])
+        assert p[b, :s].tolist() == list(range(s))
+        assert p[b, s:s + len(sl)].tolist() == sl
+        n_real = int(inputs["attention_mask"][b].sum())
+        after = p[b, s + len(sl):s + len(sl) + n_real - (s + 33)].tolist()
+        assert after == list(range(s + 33, n_real))
+    # and positions='original' is the identity at retain 1.0 too
+    opt1 = vopt.optimize(base, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(
+        merge=HoliTomConfig(retain_ratio=1.0), positions="original")}), passes=["holitom"])
+    with torch.no_grad():
+        allr = torch.arange(6)
+        torch.testing.assert_close(opt1(**inputs).logits[allr, pos], base(**inputs).logits[allr, pos],
+                                   atol=1e-5, rtol=0)
+
+
+def test_generate_merges_via_inputs_embeds(base):
+    inputs = _inputs(base, n=1)
+    with torch.no_grad():
+        ref = base.generate(**inputs, max_new_tokens=3, do_sample=False)
+        ident = _opt(base, 1.0).generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert ident.tolist() == ref[:, -3:].tolist()  # inputs_embeds generation returns the new tokens only
+    opt = _opt(base, 0.5)
+    with torch.no_grad():
+        gen = opt.generate(**inputs, max_new_tokens=3, do_sample=False)
+        first = opt(**inputs).logits[0, int(inputs["attention_mask"].sum()) - 1].argmax()
+    stats = getattr(opt.module, STATS_ATTR)
+    assert stats.calls == 2 and stats.tokens_after < stats.tokens_before
+    assert int(gen[0, 0]) == int(first)  # the first generated token is the merged forward's greedy answer
+    with pytest.raises(NotImplementedError, match="positions='original'"):
+        _opt(base, 0.5, positions="original").generate(**inputs, max_new_tokens=2)
