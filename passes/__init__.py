@@ -4,9 +4,10 @@ One pattern family per module, each readable top to bottom:
 
 * :mod:`.attention_canonicalize`: eager ``bmm -> softmax -> bmm`` attention -> SDPA.
 * :mod:`.sdpa`: SDPA -> ``vopt::attention``.
+* :mod:`.ccam`: projector cross-attention with a causal cross-attention (CCAM) mask -> ``vopt::block_sparse_attention`` (opt-in).
 * :mod:`.sageattention2`: SDPA / ``vopt::attention`` -> ``vopt::sage_attention`` (quantized; opt-in).
 * :mod:`.sageattention2_hf`: HF ``AttentionInterface`` -> ``vopt::sage_attention`` (runtime pass; quantized; opt-in).
 * :mod:`.vidkv`: ``generate()`` with a packed VidKV / KIVI KV cache (runtime pass; quantized; opt-in).
 * :mod:`.holitom`: HoliTom outer-LLM video-token merging for LLaVA-OneVision (runtime pass; drops tokens; opt-in).
 """
-from . import attention_canonicalize, holitom, sageattention2, sageattention2_hf, sdpa, vidkv  # noqa: F401
+from . import attention_canonicalize, ccam, holitom, sageattention2, sageattention2_hf, sdpa, vidkv  # noqa: F401
