@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import json
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import Timer, environment, parse_size  # noqa: E402
+from bench_kernels import Timer, bench_info, fmt, parse_size, pick_device, refuses_overwrite, write_json  # noqa: E402
 
 GPU_SEQS = [1 << 10, 2 << 10, 4 << 10, 8 << 10, 16 << 10, 32 << 10]
 GPU_HEAD_DIMS = [64, 128]
@@ -312,11 +311,6 @@ def run_case(d: int, n: int, causal: bool, args, device, sa, sa_why, sage) -> li
 # ---- reporting ------------------------------------------------------------------------
 
 
-def _fmt(v, spec):
-    width = int(spec.split(".")[0] or 0)
-    return f"{'-':>{width}}" if v is None else format(v, spec)
-
-
 def print_table(info: dict, rows: list, file=sys.stdout) -> None:
     for key, val in info.items():
         print(f"# {key}: {val}", file=file)
@@ -325,16 +319,9 @@ def print_table(info: dict, rows: list, file=sys.stdout) -> None:
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
-        print(f"{r.impl:<20} {r.head_dim:>4} {r.seq:>6} {str(r.causal):>6} {_fmt(r.ms, '10.4f')} {_fmt(r.tops, '8.2f')} "
-              f"{_fmt(r.speedup, '8.2f')} {_fmt(r.cos, '9.6f')} {_fmt(r.rel_l1, '9.2e')} {r.ref:<16} {r.note}",
+        print(f"{r.impl:<20} {r.head_dim:>4} {r.seq:>6} {str(r.causal):>6} {fmt(r.ms, '10.4f')} {fmt(r.tops, '8.2f')} "
+              f"{fmt(r.speedup, '8.2f')} {fmt(r.cos, '9.6f')} {fmt(r.rel_l1, '9.2e')} {r.ref:<16} {r.note}",
               file=file)
-
-
-def write_json(path: Path, info: dict, rows: list, complete: bool) -> None:
-    payload = {"meta": dict(info, complete=complete), "results": [asdict(r) for r in rows]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _int_list(text: str) -> list:
@@ -366,19 +353,17 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = p.parse_args(argv)
 
-    if args.out is not None and args.out.exists() and not args.force:
-        print(f"bench_attention: {args.out} exists; pass --force to overwrite", file=sys.stderr)
+    if refuses_overwrite("bench_attention", args.out, args.force):
         return 2
     args.sdpa = [s for s in args.sdpa.split(",") if s]
     bad = [s for s in args.sdpa if s not in SDPA_BACKENDS]
     if bad:
         print(f"bench_attention: unknown SDPA backends {bad}", file=sys.stderr)
         return 2
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("bench_attention: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = pick_device("bench_attention", args.device)
+    if device is None:
         return 2
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    use_cuda = device.type == "cuda"
     smoke = args.smoke or not use_cuda
     if device.type == "cpu":
         # Must precede the first import of the kernel module (@triton.jit decides at decoration).
@@ -394,17 +379,9 @@ def main(argv: Optional[list] = None) -> int:
 
     sa, sa_why = _kernel_module()
     sage = sageattn_module()
-    info = environment(device)
-    try:
-        import vopt
-
-        info["vopt"] = getattr(vopt, "__version__", "unknown")
-    except Exception as exc:  # noqa: BLE001
-        info["vopt"] = f"import failed: {exc}"
-    info["sageattention"] = sage[1] or sage[2]
-    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
     not_perf = NOT_PERF.format(", Triton interpreter, CPU timing" if device.type == "cpu" else "")
-    info["mode"] = not_perf if smoke else "performance"
+    info = bench_info(device, not_perf if smoke else "performance")
+    info["sageattention"] = sage[1] or sage[2]
     info.update(batch=args.batch, heads=args.heads, dtype="fp16", seqs=seqs, head_dims=head_dims,
                 warmup=args.warmup, max_reps=args.reps, min_reps=args.min_reps, target_ms=args.target_ms,
                 cold_l2=bool(args.cold_l2 and use_cuda),
@@ -426,7 +403,7 @@ def main(argv: Optional[list] = None) -> int:
                 rows.extend(case_rows)
                 print(f"# done D={d} N={n} causal={causal} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
                 if args.out is not None:
-                    write_json(args.out, info, rows, complete=False)
+                    write_json(args.out, {"meta": dict(info, complete=False), "results": [asdict(r) for r in rows]})
     if skipped:
         info["skipped_cases"] = f"{len(skipped)} (over --max-seconds {args.max_seconds}): " + ", ".join(skipped)
     info["seconds"] = round(time.perf_counter() - start, 1)
@@ -434,7 +411,7 @@ def main(argv: Optional[list] = None) -> int:
     if smoke:
         print(f"# {not_perf}")
     if args.out is not None:
-        write_json(args.out, info, rows, complete=not skipped)
+        write_json(args.out, {"meta": dict(info, complete=not skipped), "results": [asdict(r) for r in rows]})
         print(f"# wrote {args.out}")
     return 0
 

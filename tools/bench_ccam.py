@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -55,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import environment, parse_size  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    bench_info, fmt, measurement_mode, parse_size, pick_device, refuses_overwrite, write_json)
 from bench_attention import measure, run_once  # noqa: E402  (bench_attention's Timer is bench_kernels.Timer)
 
 SDPA_BACKENDS = ["flash", "efficient", "cudnn", "math"]
@@ -261,11 +261,6 @@ def run_case(frames: int, cfg: dict, args, device, dtype) -> list:
     return rows  # the inputs go with this frame; main() collects and empties the CUDA cache
 
 
-def _fmt(v, spec):
-    width = int(spec.split(".")[0] or 0)
-    return f"{'-':>{width}}" if v is None else format(v, spec)
-
-
 def print_table(info: dict, rows: list, file=sys.stdout) -> None:
     for key, val in info.items():
         print(f"# {key}: {val}", file=file)
@@ -274,16 +269,9 @@ def print_table(info: dict, rows: list, file=sys.stdout) -> None:
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
-        print(f"{r.impl:<26} {r.frames:>3} {r.frames * r.tokens_per_frame:>6} {_fmt(r.ms, '10.4f')} "
-              f"{_fmt(r.tflops, '8.3f')} {_fmt(r.speedup, '8.2f')} {_fmt(r.skipped, '7.3f')} "
-              f"{_fmt(r.max_abs, '9.2e')} {_fmt(r.cos, '9.6f')} {r.ref:<12} {r.note}", file=file)
-
-
-def write_json(path: Path, info: dict, rows: list, complete: bool) -> None:
-    payload = {"meta": dict(info, complete=complete), "results": [asdict(r) for r in rows]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+        print(f"{r.impl:<26} {r.frames:>3} {r.frames * r.tokens_per_frame:>6} {fmt(r.ms, '10.4f')} "
+              f"{fmt(r.tflops, '8.3f')} {fmt(r.speedup, '8.2f')} {fmt(r.skipped, '7.3f')} "
+              f"{fmt(r.max_abs, '9.2e')} {fmt(r.cos, '9.6f')} {r.ref:<12} {r.note}", file=file)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -318,19 +306,17 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = p.parse_args(argv)
 
-    if args.out is not None and args.out.exists() and not args.force:
-        print(f"bench_ccam: {args.out} exists; pass --force to overwrite", file=sys.stderr)
+    if refuses_overwrite("bench_ccam", args.out, args.force):
         return 2
     args.sdpa = [s for s in args.sdpa.split(",") if s]
     bad = [s for s in args.sdpa if s not in SDPA_BACKENDS]
     if bad:
         print(f"bench_ccam: unknown SDPA backends {bad}", file=sys.stderr)
         return 2
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("bench_ccam: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = pick_device("bench_ccam", args.device)
+    if device is None:
         return 2
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    use_cuda = device.type == "cuda"
     if device.type == "cpu" and (args.smoke or args.interpret):
         # Must precede the first import of the kernel module (@triton.jit decides at decoration).
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -345,19 +331,8 @@ def main(argv: Optional[list] = None) -> int:
     args.reps = args.reps or (30 if use_cuda else (2 if args.smoke else 5))
     args.min_reps = args.min_reps or (5 if use_cuda else 1)
 
-    info = environment(device)
-    try:
-        import vopt
-
-        info["vopt"] = getattr(vopt, "__version__", "unknown")
-    except Exception as exc:  # noqa: BLE001
-        info["vopt"] = f"import failed: {exc}"
-    info["torch_threads"] = torch.get_num_threads()
-    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
-    if args.smoke:
-        info["mode"] = SMOKE_NOTE.format(", Triton interpreter, CPU timing" if device.type == "cpu" else "")
-    else:
-        info["mode"] = "performance (GPU)" if use_cuda else "CPU measurement (time.perf_counter; not a GPU number)"
+    smoke_note = SMOKE_NOTE.format(", Triton interpreter, CPU timing" if device.type == "cpu" else "")
+    info = bench_info(device, smoke_note if args.smoke else measurement_mode(device))
     info.update(shape=dict(cfg, dtype=args.dtype or ("fp16" if use_cuda else "fp32"), form=args.form),
                 flex_block=args.flex_block, warmup=args.warmup, max_reps=args.reps, min_reps=args.min_reps,
                 target_ms=args.target_ms, cold_l2=bool(args.cold_l2 and use_cuda),
@@ -381,7 +356,7 @@ def main(argv: Optional[list] = None) -> int:
             torch.cuda.empty_cache()
         print(f"# done T={t} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
         if args.out is not None:
-            write_json(args.out, info, rows, complete=False)
+            write_json(args.out, {"meta": dict(info, complete=False), "results": [asdict(r) for r in rows]})
     if skipped:
         info["skipped_frames"] = f"{skipped} (over --max-seconds {args.max_seconds})"
     info["seconds"] = round(time.perf_counter() - start, 1)
@@ -389,7 +364,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.smoke:
         print(f"# {info['mode']}")
     if args.out is not None:
-        write_json(args.out, info, rows, complete=not skipped)
+        write_json(args.out, {"meta": dict(info, complete=not skipped), "results": [asdict(r) for r in rows]})
         print(f"# wrote {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -213,8 +214,54 @@ def _git_sha() -> Optional[str]:
         return None
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+def fmt(v, spec: str) -> str:
+    """``format(v, spec)``, or a dash right-aligned to the spec's width when ``v`` is None."""
+    width = int(spec.split(".")[0] or 0)
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (a reader never sees a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def refuses_overwrite(tool: str, out: Optional[Path], force: bool) -> bool:
+    """True (after saying why on stderr) when ``out`` exists and ``force`` is not set."""
+    if out is not None and out.exists() and not force:
+        print(f"{tool}: {out} exists; pass --force to overwrite", file=sys.stderr)
+        return True
+    return False
+
+
+def pick_device(tool: str, choice: str) -> Optional[torch.device]:
+    """The device for ``--device auto|cuda|cpu``; None (after saying why) when cuda is asked for but absent."""
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        print(f"{tool}: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return None
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def measurement_mode(device: torch.device) -> str:
+    """The ``mode`` label of a real (non-smoke) measurement on ``device``."""
+    return "performance (GPU)" if device.type == "cuda" else "CPU measurement (time.perf_counter; not a GPU number)"
+
+
+def bench_info(device: torch.device, mode: str) -> dict:
+    """:func:`environment` plus vopt's version, torch threads, TRITON_INTERPRET and the run's ``mode`` label."""
+    info = environment(device)
+    try:
+        import vopt
+
+        info["vopt"] = getattr(vopt, "__version__", "unknown")
+    except Exception as exc:  # noqa: BLE001 - a broken install is reported in the metadata
+        info["vopt"] = f"import failed: {exc}"
+    info["torch_threads"] = torch.get_num_threads()
+    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
+    info["mode"] = mode
+    return info
 
 
 def print_table(info: dict, rows: list) -> None:
@@ -225,8 +272,8 @@ def print_table(info: dict, rows: list) -> None:
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r.op:<8} {r.backend:<12} {r.dtype:<5} {r.n:>10} {_fmt(r.ms, '9.4f')} {_fmt(r.gbps, '8.1f')} "
-            f"{_fmt(r.speedup, '8.2f')} {_fmt(r.max_abs_err, '11.3g')}  {r.note}"
+            f"{r.op:<8} {r.backend:<12} {r.dtype:<5} {r.n:>10} {fmt(r.ms, '9.4f')} {fmt(r.gbps, '8.1f')} "
+            f"{fmt(r.speedup, '8.2f')} {fmt(r.max_abs_err, '11.3g')}  {r.note}"
         )
 
 
@@ -252,8 +299,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = p.parse_args(argv)
 
-    if args.out is not None and args.out.exists() and not args.force:
-        print(f"bench_kernels: {args.out} exists; pass --force to overwrite", file=sys.stderr)
+    if refuses_overwrite("bench_kernels", args.out, args.force):
         return 2
     unknown = [o for o in args.ops.split(",") if o not in CASE_BUILDERS]
     bad_dtypes = [d for d in args.dtypes.split(",") if d not in DTYPES]
@@ -261,11 +307,10 @@ def main(argv: Optional[list] = None) -> int:
         print(f"bench_kernels: unknown ops {unknown} / dtypes {bad_dtypes}", file=sys.stderr)
         return 2
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("bench_kernels: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = pick_device("bench_kernels", args.device)
+    if device is None:
         return 2
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    use_cuda = device.type == "cuda"
     sizes = [parse_size(s) for s in args.sizes.split(",")] if args.sizes else (GPU_SIZES if use_cuda else CPU_SIZES)
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     # On CPU only the reference is timed: Triton would run in its (slow) interpreter.
@@ -282,7 +327,7 @@ def main(argv: Optional[list] = None) -> int:
     print_table(info, rows)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": info, "results": [asdict(r) for r in rows]}, indent=2) + "\n")
+        write_json(args.out, {"meta": info, "results": [asdict(r) for r in rows]})
         print(f"# wrote {args.out}")
     return 0
 

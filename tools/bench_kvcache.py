@@ -48,7 +48,6 @@ and versions (``environment`` from ``tools/bench_kernels.py``, like the other be
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -56,13 +55,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import Timer, environment, parse_size  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    Timer, bench_info, fmt, measurement_mode, parse_size, pick_device, refuses_overwrite, write_json)
 
 GPU_CONTEXTS = [1 << 10, 2 << 10, 4 << 10, 8 << 10, 16 << 10, 32 << 10]
 CPU_CONTEXTS = [512, 1 << 10, 2 << 10, 4 << 10]
@@ -332,17 +332,12 @@ def fit_rows(rows: list) -> list:
     return fits
 
 
-def _fmt(v, spec):
-    width = int(spec.split(".")[0] or 0)
-    return f"{'-':>{width}}" if v is None else format(v, spec)
-
-
 def print_latency(rows: list, fits: list, file=sys.stdout) -> None:
     head = f"{'method':<14} {'setting':<14} {'context':>8} {'us/token':>11} {'max_abs_err':>11}  note"
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
-        print(f"{r.method:<14} {r.setting:<14} {r.context:>8} {_fmt(r.us, '11.1f')} {_fmt(r.max_abs_err, '11.2e')}  "
+        print(f"{r.method:<14} {r.setting:<14} {r.context:>8} {fmt(r.us, '11.1f')} {fmt(r.max_abs_err, '11.2e')}  "
               f"{r.note}", file=file)
     print(file=file)
     head = (f"{'method':<14} {'setting':<14} {'pts':>3} {'us/1k tok':>10} {'intercept us':>12} {'slope/fp16':>10} "
@@ -350,18 +345,12 @@ def print_latency(rows: list, fits: list, file=sys.stdout) -> None:
     print(head, file=file)
     print("-" * len(head), file=file)
     for f in fits:
-        print(f"{f.method:<14} {f.setting:<14} {f.points:>3} {_fmt(f.slope_us_per_1k, '10.2f')} "
-              f"{_fmt(f.intercept_us, '12.1f')} {_fmt(f.slope_ratio_vs_fp16, '10.2f')} "
-              f"{_fmt(f.slope_ratio_vs_fp32, '10.2f')} {_fmt(f.break_even_tokens, '12.0f')}  {f.note}", file=file)
+        print(f"{f.method:<14} {f.setting:<14} {f.points:>3} {fmt(f.slope_us_per_1k, '10.2f')} "
+              f"{fmt(f.intercept_us, '12.1f')} {fmt(f.slope_ratio_vs_fp16, '10.2f')} "
+              f"{fmt(f.slope_ratio_vs_fp32, '10.2f')} {fmt(f.break_even_tokens, '12.0f')}  {f.note}", file=file)
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -383,14 +372,12 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = p.parse_args(argv)
 
-    if args.out is not None and args.out.exists() and not args.force:
-        print(f"bench_kvcache: {args.out} exists; pass --force to overwrite", file=sys.stderr)
+    if refuses_overwrite("bench_kvcache", args.out, args.force):
         return 2
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("bench_kvcache: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    device = pick_device("bench_kvcache", args.device)
+    if device is None:
         return 2
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    use_cuda = device.type == "cuda"
     if args.interpret and not use_cuda:
         # Must precede the first import of the kernel module (@triton.jit decides at decoration).
         os.environ["TRITON_INTERPRET"] = "1"
@@ -409,17 +396,7 @@ def main(argv: Optional[list] = None) -> int:
     timer = Timer(device, warmup, reps, cold_l2=False)
     t_mem = SMOKE_MEM_TOKENS if args.smoke else MEM_TOKENS
 
-    info = environment(device)
-    try:
-        import vopt
-
-        info["vopt"] = getattr(vopt, "__version__", "unknown")
-    except Exception as exc:  # noqa: BLE001
-        info["vopt"] = f"import failed: {exc}"
-    info["torch_threads"] = torch.get_num_threads()
-    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
-    info["mode"] = SMOKE_NOTE if args.smoke else (
-        "performance (GPU)" if use_cuda else "CPU measurement (time.perf_counter; not a GPU number)")
+    info = bench_info(device, SMOKE_NOTE if args.smoke else measurement_mode(device))
     info.update(latency_shape=dict(batch=1, layers=1, **shape, dtype=args.dtype, window=WINDOW),
                 contexts=contexts, rounds=args.rounds, warmup=warmup, reps=reps, mem_tokens=t_mem,
                 memory_method=("one random [1, kv_heads, T_mem, head_dim] fp16 K/V block quantized per setting; "
