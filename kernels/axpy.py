@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import is_interpreted as _is_interpreted, launch
+
 BLOCK = 1024
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,7 +30,7 @@ def _axpy_kernel(x_ptr, y_ptr, out_ptr, alpha, n, BLOCK: tl.constexpr):
 
 def is_interpreted() -> bool:
     """Whether the kernel was created under ``TRITON_INTERPRET=1`` (runs on CPU tensors)."""
-    return not isinstance(_axpy_kernel, triton.runtime.JITFunction)
+    return _is_interpreted(_axpy_kernel)
 
 
 def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,9 +53,5 @@ def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     if n == 0:
         return out
     grid = (triton.cdiv(n, BLOCK),)
-    if x.is_cuda:
-        with torch.cuda.device(x.device):
-            _axpy_kernel[grid](x, y, out, float(alpha), n, BLOCK=BLOCK)
-    else:
-        _axpy_kernel[grid](x, y, out, float(alpha), n, BLOCK=BLOCK)
+    launch(_axpy_kernel, grid, x.device, x, y, out, float(alpha), n, BLOCK=BLOCK)
     return out

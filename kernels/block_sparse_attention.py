@@ -19,6 +19,7 @@ import math
 from typing import Optional
 
 import torch
+from ._launch import is_interpreted, launch
 
 try:  # the module must import (and unsupported_reason must answer) without triton
     import triton
@@ -39,7 +40,7 @@ _TL_DTYPES = {torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _is_interpreted() -> bool:
-    return triton is not None and not isinstance(_bsa_fwd_kernel, triton.runtime.JITFunction)
+    return triton is not None and is_interpreted(_bsa_fwd_kernel)
 
 
 if triton is not None:
@@ -169,14 +170,6 @@ def unsupported_reason(query, key, value, block_mask, block_q, block_k, dense_ma
     return None
 
 
-def _launch(kernel, grid, device, *args, **kw):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **kw)
-    else:
-        kernel[grid](*args, **kw)
-
-
 def prepare_launch(query, key, value, block_mask, block_q, block_k, dense_mask=None, scale=None,
                    block_full: Optional[torch.Tensor] = None, compacted=None, key_prefix=None):
     """``(grid, args, kwargs, out)`` of one kernel call (validated).
@@ -239,5 +232,5 @@ def block_sparse_attention_triton(query, key, value, block_mask, block_q, block_
     grid, args, kwargs, out = prepare_launch(query, key, value, block_mask, block_q, block_k, dense_mask, scale,
                                              block_full=block_full, compacted=compacted, key_prefix=key_prefix)
     if out.numel():
-        _launch(_bsa_fwd_kernel, grid, query.device, *args, **kwargs)
+        launch(_bsa_fwd_kernel, grid, query.device, *args, **kwargs)
     return out

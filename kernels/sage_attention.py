@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from ._launch import is_interpreted, launch
 
 from vopt.errors import VoptError
 from vopt.ops.sage_reference import (
@@ -138,7 +139,7 @@ def padded_value_dim(dv: int) -> int:
 
 
 def _is_interpreted() -> bool:
-    return triton is not None and not isinstance(_sage_attn_fwd_kernel, triton.runtime.JITFunction)
+    return triton is not None and is_interpreted(_sage_attn_fwd_kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -384,14 +385,6 @@ def unsupported_reason(query, key, value, attn_mask=None, precision=None) -> Opt
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _launch(kernel, grid, device, *args, **kw):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **kw)
-    else:
-        kernel[grid](*args, **kw)
-
-
 def _quantize(x: torch.Tensor, mean: Optional[torch.Tensor], block: int, scale_mul: float):
     bsz, h, n, d = x.shape
     nblk = -(-n // block)
@@ -399,7 +392,7 @@ def _quantize(x: torch.Tensor, mean: Optional[torch.Tensor], block: int, scale_m
     scale = torch.empty((bsz, h, nblk), dtype=torch.float32, device=x.device)
     if codes.numel() == 0:
         return codes, scale.fill_(1.0 * scale_mul)
-    _launch(_quant_int8_kernel, (nblk, bsz * h), x.device,
+    launch(_quant_int8_kernel, (nblk, bsz * h), x.device,
             x, mean if mean is not None else scale, codes, scale,
             h, n, d, nblk, *x.stride(), scale_mul,
             HAS_MEAN=mean is not None, BLOCK_N=block, D_PAD=padded_head_dim(d),
@@ -429,7 +422,7 @@ def round_e4m3_triton(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _launch(_round_e4m3_kernel, (triton.cdiv(n, 1024),), x.device, x, y, n, BLOCK=1024)
+        launch(_round_e4m3_kernel, (triton.cdiv(n, 1024),), x.device, x, y, n, BLOCK=1024)
     return y
 
 
@@ -481,7 +474,7 @@ class PreparedAttention:
 
     def launch(self) -> None:
         if self.grid:
-            _launch(_sage_attn_fwd_kernel, self.grid, self.query.device, *self.launch_args, **self.launch_kwargs)
+            launch(_sage_attn_fwd_kernel, self.grid, self.query.device, *self.launch_args, **self.launch_kwargs)
 
     def result(self):
         out = self.out.to(self.query.dtype)

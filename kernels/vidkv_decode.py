@@ -44,6 +44,7 @@ import math
 from typing import Optional
 
 import torch
+from ._launch import launch
 
 from vopt.errors import VoptError
 from vopt.kvcache.decode_attention import frequency_domain_query
@@ -362,11 +363,7 @@ def packed_decode_attention_triton(query, packed_keys: PackedKeys, packed_values
               BLOCK_M=_pow2(M), BLOCK_N=BLOCK_N,
               BLOCK_D=_pow2(D), BLOCK_DA=_pow2(ka), BLOCK_DB=_pow2(kb), BLOCK_DV=_pow2(DV))
     grid = (B * Hkv,)
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            _packed_decode_kernel[grid](*args, **kw)
-    else:
-        _packed_decode_kernel[grid](*args, **kw)
+    launch(_packed_decode_kernel, grid, dev, *args, **kw)
     return out.reshape(B, Hq, Lq, DV).to(query.dtype)
 
 

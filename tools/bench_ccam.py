@@ -236,7 +236,7 @@ def run_case(frames: int, cfg: dict, args, device, dtype) -> list:
             grid, kargs, kkw, kout = kb.prepare_launch(q, k, v, live, bq, bk, dm, compacted=compacted, key_prefix=kp)
 
             def kernel_only(grid=grid, kargs=kargs, kkw=kkw, kout=kout):
-                kb._launch(kb._bsa_fwd_kernel, grid, device, *kargs, **kkw)
+                kb.launch(kb._bsa_fwd_kernel, grid, device, *kargs, **kkw)
                 return kout
 
             add("vopt", impl + "-kernel", kernel_only, skip, f"{tiles}, {what}, kernel launch only{interp}")
