@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define VOPT_CUDA_ABI_VERSION 1
+#define VOPT_CUDA_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define VOPT_API __attribute__((visibility("default")))

@@ -23,7 +23,7 @@ from .errors import CudaLibraryError
 ENV_VAR = "VOPT_CUDA_LIB"
 LIBRARY_NAME = "libvopt_cuda.so"
 # Must equal VOPT_CUDA_ABI_VERSION in cuda/vopt_cuda.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _VOIDP = ctypes.c_void_p
 _INT_P = ctypes.POINTER(ctypes.c_int)
