@@ -94,6 +94,7 @@ import torch
 from vopt.config import VoptConfig, config_field, register_config
 from vopt.errors import ConfigError
 from vopt.merging import HoliTomConfig, MergeResult, holitom_merge
+from vopt.merging.flops import paper_prefill_flops
 from vopt.pass_protocol import Match, Pass, PassContext, PassKind, PassResult, register_pass
 
 #: Marker on the wrapped ``forward`` (idempotence).
@@ -143,6 +144,14 @@ class HoliTomStats:
     tokens_before: int = 0   #: video placeholder tokens the unmodified model would have fed the LM (newline included)
     tokens_after: int = 0    #: video tokens the LM actually received (newline included)
     passthrough: int = 0     #: calls forwarded unchanged (no video, images, cache filled, inputs_embeds given)
+    paper_flops_before: float = 0.0  #: LLM prefill FLOPs over the video tokens, HoliTom/FastV formula, unmerged
+    paper_flops_after: float = 0.0   #: the same over the merged video tokens
+
+    @property
+    def paper_flops_fraction(self) -> float:
+        """Merged / unmerged LLM prefill FLOPs with the paper's formula (HoliTom reports 6.9% at 10% retain with
+        inner merging, 8.4% without: spec tokens.md §5)."""
+        return self.paper_flops_after / self.paper_flops_before if self.paper_flops_before else 1.0
 
     @property
     def kept_fraction(self) -> float:
@@ -307,14 +316,26 @@ def _cache_filled(cache) -> bool:
         return True
 
 
-def _record(stats: HoliTomStats, mi: MergedInputs, match: Match) -> None:
+def _paper_flops(model, tokens: List[int]) -> float:
+    """LLM prefill FLOPs over each video's tokens with the HoliTom/FastV formula, summed."""
+    text = model.config.get_text_config()
+    return sum(paper_prefill_flops(text.num_hidden_layers, text.hidden_size, text.intermediate_size, n)
+               for n in tokens)
+
+
+def _record(model, stats: HoliTomStats, mi: MergedInputs, match: Match) -> None:
     stats.calls += 1
     stats.videos += len(mi.tokens_before)
     stats.tokens_before += sum(mi.tokens_before)
     stats.tokens_after += sum(mi.tokens_after)
+    before, after = _paper_flops(model, mi.tokens_before), _paper_flops(model, mi.tokens_after)
+    stats.paper_flops_before += before
+    stats.paper_flops_after += after
     if stats.calls == 1 and "first call" not in match.what:
         tb, ta = sum(mi.tokens_before), sum(mi.tokens_after)
-        match.what += f"; first call: video tokens {tb} -> {ta} ({ta / tb:.1%} kept, {len(mi.tokens_before)} videos)"
+        match.what += (f"; first call: video tokens {tb} -> {ta} ({ta / tb:.1%} kept, {len(mi.tokens_before)} videos), "
+                       f"LLM prefill FLOPs over them (paper formula) {before:.3g} -> {after:.3g} "
+                       f"({after / before:.1%})")
 
 
 def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -343,7 +364,7 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         for k in ("input_ids", "pixel_values_videos", "image_sizes_videos", "position_ids"):
             kwargs.pop(k, None)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
-        _record(getattr(self, STATS_ATTR), mi, match)
+        _record(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
     generate.__doc__ = ("HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new tokens when it "
@@ -379,7 +400,7 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         elif mi.shortened:
             kwargs["position_ids"] = None
         out = cls_forward(self, **kwargs)
-        _record(stats, mi, match)
+        _record(self, stats, mi, match)
         logits = getattr(out, "logits", None)
         keep = kwargs.get("logits_to_keep", 0)
         if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3

@@ -343,3 +343,33 @@ def test_gram_distance_matches_exact():
     x = torch.randn(80, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(pairwise_distance(x, exact=False), pairwise_distance(x, exact=True))
     assert (torch.diagonal(pairwise_distance(x, exact=False)) == 0).all()
+
+
+# ---- paper FLOPs formula (spec tokens.md §5) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retain,outer_only,with_inner", [
+    (1.0, 40.8, None), (0.25, 8.71, 7.11), (0.20, 7.04, 5.75), (0.15, 5.22, 4.27), (0.10, 3.44, 2.82)])
+def test_paper_flops_reproduce_the_published_llava_ov_7b_columns(retain, outer_only, with_inner):
+    """LLaVA-OV-7B, 32 frames x ceil(196 r) tokens: the TFLOPs HoliTom's table reports (2 decimals, as printed)."""
+    import math
+
+    from vopt.merging.flops import paper_prefill_flops
+
+    n = math.ceil(196 * retain) * 32
+    assert round(paper_prefill_flops(28, 3584, 18944, n) / 1e12, 2 if retain < 1 else 1) == outer_only
+    if with_inner is not None:
+        got = paper_prefill_flops(28, 3584, 18944, n, inner_layer=18, inner_keep=0.5)
+        assert round(got / 1e12, 2) == with_inner
+    if retain == 0.10:  # the headline: 6.9% of the unmerged model's FLOPs
+        full = paper_prefill_flops(28, 3584, 18944, 196 * 32)
+        assert round(100 * got / full, 1) == 6.9
+
+
+def test_paper_flops_rejects_bad_inner_arguments():
+    from vopt.merging.flops import paper_prefill_flops
+
+    with pytest.raises(ValueError, match="inner_layer"):
+        paper_prefill_flops(4, 8, 16, 10, inner_layer=5)
+    with pytest.raises(ValueError, match="inner_keep"):
+        paper_prefill_flops(4, 8, 16, 10, inner_layer=2, inner_keep=0.0)

@@ -261,6 +261,12 @@ def test_generate_merges_via_inputs_embeds(base):
         first = opt(**inputs).logits[0, int(inputs["attention_mask"].sum()) - 1].argmax()
     stats = getattr(opt.module, STATS_ATTR)
     assert stats.calls == 2 and stats.tokens_after < stats.tokens_before
+    # Paper-formula FLOPs (per video, 4 n d^2 + 2 n^2 d + 2 n d m per layer) shrink at least as fast as the tokens.
+    text = base.config.get_text_config()
+    n0, n1 = stats.tokens_before // stats.videos, stats.tokens_after // stats.videos
+    per_layer = lambda n: 4 * n * text.hidden_size ** 2 + 2 * n * n * text.hidden_size + 2 * n * text.hidden_size * text.intermediate_size
+    assert stats.paper_flops_before == pytest.approx(stats.videos * text.num_hidden_layers * per_layer(n0))
+    assert 0 < stats.paper_flops_fraction <= stats.kept_fraction
     assert int(gen[0, 0]) == int(first)  # the first generated token is the merged forward's greedy answer
     with pytest.raises(NotImplementedError, match="positions='original'"):
         _opt(base, 0.5, positions="original").generate(**inputs, max_new_tokens=2)

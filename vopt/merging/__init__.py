@@ -5,6 +5,7 @@ here yet.
 
 * :mod:`.config`: :class:`HoliTomConfig` (registered), :class:`ClusterMergeMode`, :class:`BudgetRounding`.
 * :mod:`.density`: deterministic DPC-KNN centres and beta/mean cluster merging.
+* :mod:`.flops`: the HoliTom/FastV paper FLOPs formula (:func:`paper_prefill_flops`).
 * :mod:`.holitom`: :func:`temporal_segments`, :func:`temporal_merge`, :func:`spatial_merge`, :func:`holitom_merge`
   -> :class:`MergeResult` (tokens, positions, a sparse source map that reconstructs them, kept per frame).
 """

@@ -22,6 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..merging.flops import paper_prefill_flops
+
 
 @dataclass
 class Cost:
@@ -43,12 +45,6 @@ class Cost:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def paper_prefill_flops(layers: int, hidden: int, intermediate: int, n: int) -> float:
-    """``layers x (4 n d^2 + 2 n^2 d + 2 n d m)``: the count used by HoliTom, FastV and DyCoke."""
-    d, m = hidden, intermediate
-    return float(layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m))
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
