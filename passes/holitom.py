@@ -1,4 +1,4 @@
-"""``holitom``: HoliTom outer-LLM visual-token merging on an unmodified LLaVA-OneVision (runtime pass).
+"""``holitom``: HoliTom outer- and inner-LLM visual-token merging on an unmodified LLaVA-OneVision (runtime pass).
 
 What it does. A **runtime** pass on vopt's working copy (``vopt.optimize`` never touches the caller's model). On a
 ``LlavaOnevisionForConditionalGeneration`` (or a subclass) it shadows ``forward`` **on that instance only** (a bound
@@ -65,7 +65,25 @@ mechanism): a call with ``input_ids`` + ``pixel_values_videos`` becomes ``genera
 attention_mask=<shortened>, ...)`` (spec §3 Option A; compact positions, physical ``cache_position``), which returns
 **only the new tokens**. ``positions='original'`` raises there (gapped ids + generate, spec R4, not handled). A
 right-padded batch generates after its padding, exactly as the unmodified model does with right padding: use left
-padding (or batch 1) for generation. Inner-LLM merging (§2) is not part of this pass.
+padding (or batch 1) for generation.
+
+Inner-LLM stage (spec §2; ``inner_layer=K``, off by default; ``outer=False`` runs it alone). Decoder layers ``K..N-1``
+of the working copy's language model are replaced by :class:`InnerMergeLayer` wrappers (the ``ModuleList`` entries of
+the copy; the classes are untouched). The forward / generate wrappers pass one extra keyword down to the layers,
+``vopt_holitom_tokens`` (``[B, L]`` int8: 1 video placeholder, 0 text, -1 padding; added to ``forward``'s signature so
+``generate`` forwards it). At a prefill (several tokens and an empty cache *at layer K*), layer K scores the visual
+tokens with the attention its own normed ``q``/``k`` projections + RoPE give them from each row's last
+``inner_queries`` real tokens (no attention probabilities are requested from the kernel, so SDPA stays), and
+:func:`vopt.merging.inner.inner_merge` keeps ``ceil(inner_keep * n)`` per row and averages each dropped token into its
+most similar kept one (``inner_merge=False``: FastV-style dropping). Layers ``K..N-1`` then run on the kept tokens with
+their *original* RoPE positions and mask rows/columns (gapped, as in the published code); rows that keep different
+counts (after the outer stage) are filled with masked filler slots. The last layer maps its output back to the
+input length (a dropped position gets its representative's state), so logits keep the layout described above. Decode
+steps: positions continue from the full length (HF counts layer 0's cache), and masks lose the dropped columns,
+because the caches of layers ``>= K`` hold only the kept tokens. The language model then runs **eagerly** (the
+wrapper refuses ``torch.export``: token choice depends on the data; the report shows the reason). Tested: keep=1 is
+bit-identical, batch rows (right/left padding, ragged) equal single rows, the scores equal HF eager attention
+probabilities, generation's first token equals the merged forward's greedy answer.
 
 Why **not a default pass**: it drops visual tokens (changes answers). Opt in with
 ``vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(merge=HoliTomConfig(...))}),
@@ -76,6 +94,9 @@ clip, ``vopt.eval.compare`` on 64 test clips, baseline accuracy 0.891, tau 0.8, 
 test_holitom_pass.py`` prints it): retain 0.5 -> 787/2112 video tokens kept (37.3%; temporal merging of static
 clips leaves fewer survivors than the budget), agreement 0.656 / accuracy delta -0.203 (compact positions), 0.750 /
 -0.156 (original positions); retain 0.25 -> 552/2112 (26.1%), 0.594 / -0.266 (compact), 0.750 / -0.219 (original).
+Inner stage alone (256 test clips, baseline 0.930; 4-layer LM): K=2 keep 0.5 -> agreement 0.930, delta -0.035 (merge)
+/ 0.945, -0.020 (FastV-style prune); K=1 keep 0.25 -> 0.738, -0.184 / 0.738, -0.180; outer retain 0.5 + inner K=2 0.5
+-> 0.703, -0.203 (1650 of 8448 video tokens reach layers 2-3). On this tiny model merging is not better than dropping.
 
 Report: one :class:`Match` (``where="model"``, ``what`` = class + config); at the first merged call the match's
 ``what`` gains the measured token reduction (``first call: video tokens X -> Y``). Running totals are kept on the
@@ -95,6 +116,7 @@ from vopt.config import VoptConfig, config_field, register_config
 from vopt.errors import ConfigError
 from vopt.merging import HoliTomConfig, MergeResult, holitom_merge
 from vopt.merging.flops import paper_prefill_flops
+from vopt.merging.inner import inner_merge, last_token_importance
 from vopt.pass_protocol import Match, Pass, PassContext, PassKind, PassResult, register_pass
 
 #: Marker on the wrapped ``forward`` (idempotence).
@@ -125,8 +147,31 @@ class HoliTomPassConfig(VoptConfig):
         "merged token its representative's placeholder slot (frame, spatial index), the newline the block's last "
         "slot; gapped, spec R1/R2).")
 
+    outer: bool = config_field(
+        True, help="Run the outer-LLM stage (merge between projector and LLM). False: inner-LLM merging only.")
+    inner_layer: Optional[int] = config_field(
+        None, help="Inner-LLM merging at this decoder layer (HoliTom's K: 18 of LLaVA-OV-7B's 28 layers); None: off. "
+        "Layers from K on see the shortened sequence; the language model then runs eagerly (token choice is data "
+        "dependent).")
+    inner_keep: float = config_field(
+        0.5, help="Fraction of the visual tokens reaching layer K that are kept there (HoliTom: 0.5).")
+    inner_queries: int = config_field(
+        1, help="Last query positions whose attention (layer K's own q/k projections + RoPE) scores the visual tokens.")
+    inner_merge: bool = config_field(
+        True, help="True: each dropped visual token is averaged into its most similar kept one (HoliTom). False: "
+        "dropped (FastV-style pruning, for comparison).")
+
     def validate(self) -> None:
         name = type(self).__name__
+        if self.inner_layer is not None and (isinstance(self.inner_layer, bool) or not isinstance(self.inner_layer, int)
+                                             or self.inner_layer < 0):
+            raise ConfigError(f"{name}.inner_layer must be None or an int >= 0, got {self.inner_layer!r}")
+        if not 0.0 < self.inner_keep <= 1.0:
+            raise ConfigError(f"{name}.inner_keep must be in (0, 1], got {self.inner_keep!r}")
+        if isinstance(self.inner_queries, bool) or not isinstance(self.inner_queries, int) or self.inner_queries < 1:
+            raise ConfigError(f"{name}.inner_queries must be an int >= 1, got {self.inner_queries!r}")
+        if not self.outer and self.inner_layer is None:
+            raise ConfigError(f"{name}: outer=False and inner_layer=None leave nothing to do")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"{name}.positions={self.positions!r} is invalid; accepted: {', '.join(POSITION_MODES)}")
         if not isinstance(self.merge, HoliTomConfig):
@@ -146,6 +191,7 @@ class HoliTomStats:
     passthrough: int = 0     #: calls forwarded unchanged (no video, images, cache filled, inputs_embeds given)
     paper_flops_before: float = 0.0  #: LLM prefill FLOPs over the video tokens, HoliTom/FastV formula, unmerged
     paper_flops_after: float = 0.0   #: the same over the merged video tokens
+    inner: "InnerStats" = field(default_factory=lambda: InnerStats())  #: the inner-LLM stage's totals
 
     @property
     def paper_flops_fraction(self) -> float:
@@ -351,7 +397,9 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
             kwargs["input_ids"], args = args[0], args[1:]
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
         call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
-        if (pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
+        if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
+            kwargs.setdefault(TOKENS_KWARG, _token_codes(self, ids, kwargs.get("attention_mask")))  # to every forward
+        if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None):
             return call(*args, **kwargs)
         if cfg.positions != "compact":
@@ -364,6 +412,8 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         for k in ("input_ids", "pixel_values_videos", "image_sizes_videos", "position_ids"):
             kwargs.pop(k, None)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
+        if cfg.inner_layer is not None:
+            kwargs[TOKENS_KWARG] = _token_codes(self, mi.input_ids, mi.attention_mask)
         _record(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
@@ -383,7 +433,9 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
             kwargs[name] = value
         stats = getattr(self, STATS_ATTR)
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
-        if (pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
+        if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
+            kwargs.setdefault(TOKENS_KWARG, _token_codes(self, ids, kwargs.get("attention_mask")))
+        if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
                 or _cache_filled(kwargs.get("cache", kwargs.get("past_key_values")))):
             stats.passthrough += 1
@@ -393,6 +445,8 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         kwargs.pop("pixel_values_videos")
         kwargs.pop("image_sizes_videos", None)
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
+        if cfg.inner_layer is not None:
+            kwargs[TOKENS_KWARG] = _token_codes(self, mi.input_ids, mi.attention_mask)
         if mi.labels is not None:
             kwargs["labels"] = mi.labels
         if cfg.positions == "original":
@@ -419,9 +473,221 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         return out
 
     forward.__doc__ = f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}"
-    forward.__signature__ = inspect.signature(cls_forward)  # generate() validates its kwargs against it
+    sig = inspect.signature(cls_forward)  # generate() validates its kwargs against it
+    if cfg.inner_layer is not None:  # ... and must let the visual-token mask through to every forward
+        params = list(sig.parameters.values())
+        extra = inspect.Parameter(TOKENS_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        sig = sig.replace(parameters=params[:at] + [extra] + params[at:])
+    forward.__signature__ = sig
     setattr(forward, _WRAPPED, True)
     model.forward = types.MethodType(forward, model)  # instance attribute: the class (and transformers) untouched
+
+
+# ---- inner-LLM stage (spec §2) -------------------------------------------------------------------------------------
+
+#: Keyword the wrappers pass down to the decoder layers: ``[B, L]`` int8 codes of the LM input's tokens,
+#: 1 video placeholder, 0 other real token, -1 padding.
+TOKENS_KWARG = "vopt_holitom_tokens"
+
+
+def _token_codes(model, ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    codes = (ids == model.config.video_token_id).to(torch.int8)
+    if attention_mask is not None:
+        codes = codes.masked_fill(attention_mask == 0, -1)
+    return codes
+
+
+@dataclass
+class InnerStats:
+    """Running totals of the inner-LLM stage (``model.vopt_holitom_stats.inner``)."""
+
+    prefills: int = 0
+    visual_before: int = 0   #: visual tokens reaching layer K (summed over rows and prefills)
+    visual_after: int = 0    #: visual tokens kept from layer K on
+    skipped: int = 0         #: prefills that reached layer K without visual tokens (nothing merged)
+    paper_flops_before: float = 0.0  #: LLM prefill FLOPs over the LM input's visual tokens, paper formula, no inner
+    paper_flops_after: float = 0.0   #: the same with layers K..N-1 on the kept tokens
+
+
+class _InnerState:
+    """What one prefill decided at layer K, shared by the wrappers of layers K..N-1 of one model.
+
+    ``phase`` is ``"prefill"`` while the shortened sequence runs through layers K..N-1, ``"decode"`` after it (the
+    KV cache of those layers holds only the kept tokens, so later attention masks lose the dropped columns), None
+    when the last prefill merged nothing.
+    """
+
+    def __init__(self, stats: InnerStats, text_config, layers: int):
+        self.stats, self._text_config, self._layers = stats, text_config, layers
+        self.clear()
+
+    def clear(self) -> None:
+        self.phase: Optional[str] = None
+        self.keep_idx: Optional[torch.Tensor] = None   # [B, L'] kept original positions
+        self.back: Optional[torch.Tensor] = None       # [B, L] new position representing each original one
+        self.full_len = 0
+        self.hidden: Optional[torch.Tensor] = None
+        self.layer_kwargs: dict = {}
+        self.valid: Optional[torch.Tensor] = None      # [B, L'] False at filler slots; None when no row is short
+        self.decoded = 0                               # tokens decoded since the prefill
+
+    def start(self, layer: torch.nn.Module, rope, cfg: HoliTomPassConfig, hidden: torch.Tensor,
+              tokens: Optional[torch.Tensor], kwargs: dict) -> None:
+        """At layer K: a prefill (several tokens, empty cache) with visual tokens is scored and merged."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        B, L, _ = hidden.shape
+        # This layer's own cache length: layers < K were already filled by this very prefill.
+        if L == 1 or (cache is not None and int(cache.get_seq_length(layer.self_attn.layer_idx)) > 0):
+            if self.phase == "prefill":  # an earlier prefill never reached the last layer (an exception)
+                self.clear()
+            elif self.keep_idx is not None:
+                self.phase = "decode"
+            return
+        self.clear()
+        if tokens is None or tuple(tokens.shape) != (B, L) or not bool((tokens == 1).any()):
+            self.stats.skipped += 1
+            return
+        visual, real = tokens == 1, tokens >= 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            raise NotImplementedError(f"holitom inner merging needs a 4-D tensor attention mask or None, got "
+                                      f"{type(mask).__name__} (use attn_implementation='sdpa' or 'eager')")
+        cos, sin = kwargs["position_embeddings"]
+        # The scoring queries: each row's last t real tokens (right padding puts pads last).
+        attn, t = layer.self_attn, min(cfg.inner_queries, int(real.sum(1).min()))
+        ar = torch.arange(L, device=hidden.device).expand(B, L)
+        q_pos = torch.sort(torch.where(real, ar, -1), dim=1).values[:, L - t:]          # [B, t] increasing
+        x = layer.input_layernorm(hidden)
+        at = lambda t_: t_.expand(B, *t_.shape[1:]).gather(1, q_pos[..., None].expand(B, t, t_.shape[-1]))
+        q = attn.q_proj(at(x)).view(B, t, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
+        q = rope(q, q, at(cos), at(sin))[0]
+        k = rope(k, k, cos, sin)[1]
+        imp = last_token_importance(q, k, real, q_pos)
+        im = inner_merge(hidden, imp, visual, cfg.inner_keep, merge=cfg.inner_merge)
+        self.stats.prefills += 1
+        self.stats.visual_before += im.visual_before
+        self.stats.visual_after += im.visual_after
+        text, n_layers = self._text_config, self._layers
+        for n in visual.sum(1).tolist():
+            f = lambda **kw: paper_prefill_flops(n_layers, text.hidden_size, text.intermediate_size, n, **kw)
+            self.stats.paper_flops_before += f()
+            self.stats.paper_flops_after += f(inner_layer=cfg.inner_layer, inner_keep=cfg.inner_keep)
+        self.phase, self.keep_idx, self.back, self.full_len, self.hidden = "prefill", im.keep_idx, im.back, L, im.hidden
+        self.valid = im.valid if im.ragged else None
+        self.decoded = 0
+        idx = im.keep_idx
+        rows = lambda t_: t_.expand(B, *t_.shape[1:]).gather(1, idx.view(B, -1, *([1] * (t_.dim() - 2))).expand(
+            B, idx.shape[1], *t_.shape[2:]))
+        self.layer_kwargs = {"position_embeddings": (rows(cos), rows(sin))}
+        if kwargs.get("position_ids") is not None:
+            self.layer_kwargs["position_ids"] = rows(kwargs["position_ids"])
+        if mask is None and self.valid is not None:  # rows of different lengths need an explicit mask
+            mask = torch.ones(L, L, dtype=torch.bool, device=hidden.device).tril()[None, None]
+        if mask is not None:
+            m = mask.expand(B, *mask.shape[1:])
+            m = m.gather(2, idx[:, None, :, None].expand(B, m.shape[1], idx.shape[1], m.shape[3]))
+            m = m.gather(3, idx[:, None, None, :].expand(B, m.shape[1], idx.shape[1], idx.shape[1]))
+            if self.valid is not None:
+                # Filler slots: nobody attends to them; each attends only to itself (finite, never read).
+                eye = torch.eye(idx.shape[1], dtype=torch.bool, device=m.device)[None, None]
+                filler_row, off_on = ~self.valid[:, None, :, None], _off_on(m)
+                m = m.masked_fill(~self.valid[:, None, None, :] | filler_row, off_on[0])
+                m = m.masked_fill(filler_row & eye, off_on[1])
+            self.layer_kwargs["attention_mask"] = m
+        else:
+            self.layer_kwargs["attention_mask"] = None
+
+    def decode_mask(self, mask, q_len: int):
+        """Drop the merged-away prefill columns from a decode step's mask (the cache of layers >= K lacks them)."""
+        B = self.keep_idx.shape[0]
+        if mask is None:
+            if self.valid is None:
+                return None
+            cols = torch.cat([self.valid, self.valid.new_ones(B, self.decoded + q_len)], 1)
+            return cols[:, None, None, :].expand(B, 1, q_len, cols.shape[1])
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            raise NotImplementedError(f"holitom inner merging needs a 4-D tensor attention mask or None, got "
+                                      f"{type(mask).__name__}")
+        cols = torch.cat([self.keep_idx, torch.arange(self.full_len, mask.shape[-1], device=mask.device).expand(B, -1)], 1)
+        m = mask.expand(B, *mask.shape[1:])
+        m = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], m.shape[2], cols.shape[1]))
+        if self.valid is not None:
+            filler = torch.cat([~self.valid, self.valid.new_zeros(B, cols.shape[1] - self.valid.shape[1])], 1)
+            m = m.masked_fill(filler[:, None, None, :], _off_on(m)[0])
+        return m
+
+
+def _off_on(mask: torch.Tensor) -> tuple:
+    """The disallowed / allowed values of a bool or additive float mask."""
+    return (False, True) if mask.dtype == torch.bool else (torch.finfo(mask.dtype).min, 0.0)
+
+
+class InnerMergeLayer(torch.nn.Module):
+    """Wraps decoder layer ``i >= K`` of the language model (the working copy's; the class is untouched).
+
+    Layer K merges at a prefill; layers K..N-1 get the kept tokens' RoPE tables, position ids and mask; the last
+    layer maps its output back to the full length (a dropped position gets its representative's state), so the LM's
+    output and the logits keep the input's layout. Decode steps get masks without the dropped columns.
+    """
+
+    def __init__(self, layer: torch.nn.Module, state: _InnerState, rope, cfg: HoliTomPassConfig, *, first: bool,
+                 last: bool):
+        super().__init__()
+        self.layer = layer
+        self._state, self._rope, self._cfg, self.first, self.last = state, rope, cfg, first, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        if torch.compiler.is_exporting():
+            raise RuntimeError("holitom inner merging chooses the kept tokens from the data at every prefill: the "
+                               "language model runs eagerly")
+        tokens = kwargs.pop(TOKENS_KWARG, None)
+        st = self._state
+        if self.first:
+            st.start(self.layer, self._rope, self._cfg, hidden_states, tokens, kwargs)
+            if st.phase == "prefill":
+                hidden_states = st.hidden
+        if st.phase == "prefill":
+            kwargs.update(st.layer_kwargs)
+        elif st.phase == "decode":
+            kwargs["attention_mask"] = st.decode_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
+        out = self.layer(hidden_states, **kwargs)
+        if self.last and st.phase == "decode":
+            st.decoded += hidden_states.shape[1]
+        if self.last and st.phase == "prefill":
+            out = out.gather(1, st.back[..., None].expand(*st.back.shape, out.shape[-1]))
+            st.phase, st.hidden, st.layer_kwargs = "decode", None, {}
+        return out
+
+
+def _install_inner(model, cfg: HoliTomPassConfig, stats: InnerStats) -> str:
+    """Wrap layers K..N-1 of LLaVA-OneVision's language model; returns a description for the report."""
+    import importlib
+
+    lm = model.model.language_model
+    layers = lm.layers
+    n = len(layers)
+    if cfg.inner_layer >= n:
+        raise ConfigError(f"HoliTomPassConfig.inner_layer={cfg.inner_layer} is out of range: the language model has "
+                          f"{n} layers (accepted: 0..{n - 1})")
+    attn = layers[cfg.inner_layer].self_attn
+    rope = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if rope is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "head_dim")):
+        raise ConfigError(f"holitom inner merging: {type(attn).__name__} has no q_proj/k_proj/head_dim or its module "
+                          "no apply_rotary_pos_emb (Qwen2/Llama-style attention is expected)")
+    state = _InnerState(stats, model.config.get_text_config(), n)
+    for i in range(cfg.inner_layer, n):
+        layers[i] = InnerMergeLayer(layers[i], state, rope, cfg, first=i == cfg.inner_layer, last=i == n - 1)
+    how = "merge" if cfg.inner_merge else "prune"
+    return (f"inner K={cfg.inner_layer}/{n} keep={cfg.inner_keep:g} ({how}, last {cfg.inner_queries} "
+            f"quer{'y' if cfg.inner_queries == 1 else 'ies'} score)")
 
 
 @register_pass
@@ -442,14 +708,20 @@ class HoliTomPass(Pass):
         if reason is not None:
             result.matches.append(Match("model", kind, rewritten=False, reason=reason))
             return result
-        m = self.config.merge
+        m, cfg = self.config.merge, self.config
         budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"
-        what = (f"{kind} HoliTom outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
-                f"rounding={m.budget_rounding.value} positions={self.config.positions} logits={self.config.logits}")
+        what = kind + (f" HoliTom outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
+                       f"rounding={m.budget_rounding.value} positions={cfg.positions} logits={cfg.logits}"
+                       if cfg.outer else " HoliTom (no outer stage)")
         match = Match("model", what, rewritten=True)
         if not ctx.dry_run:
-            setattr(model, STATS_ATTR, HoliTomStats())
-            _wrap_forward(model, self.config, match)
-            _wrap_generate(model, self.config, match)
+            stats = HoliTomStats()
+            setattr(model, STATS_ATTR, stats)
+            if cfg.inner_layer is not None:
+                match.what += "; " + _install_inner(model, cfg, stats.inner)
+            _wrap_forward(model, cfg, match)
+            _wrap_generate(model, cfg, match)
+        elif cfg.inner_layer is not None:
+            match.what += f"; inner K={cfg.inner_layer} keep={cfg.inner_keep:g}"
         result.matches.append(match)
         return result

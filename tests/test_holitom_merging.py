@@ -373,3 +373,95 @@ def test_paper_flops_rejects_bad_inner_arguments():
         paper_prefill_flops(4, 8, 16, 10, inner_layer=5)
     with pytest.raises(ValueError, match="inner_keep"):
         paper_prefill_flops(4, 8, 16, 10, inner_layer=2, inner_keep=0.0)
+
+
+# ---- inner-LLM stage (spec tokens.md §2) ----------------------------------------------------------------------------
+
+
+def _inner_reference(hidden, importance, visual, keep, merge=True):
+    """Row by row, token by token: the definition of vopt.merging.inner.inner_merge."""
+    B, L, D = hidden.shape
+    rows, keeps, backs = [], [], []
+    for b in range(B):
+        vis = [i for i in range(L) if visual[b, i]]
+        k = min(len(vis), math.ceil(keep * len(vis)))
+        ranked = sorted(vis, key=lambda i: (-float(importance[b, i]), i))   # stable: earlier token first on ties
+        chosen = set(ranked[:k])
+        h = hidden[b].clone()
+        groups = {c: [c] for c in chosen}
+        for i in vis:
+            if i not in chosen:
+                cos = {c: float(torch.nn.functional.cosine_similarity(hidden[b, i], hidden[b, c], dim=0)) for c in sorted(chosen)}
+                best = max(sorted(chosen), key=lambda c: (cos[c], -c))                  # first index on equal cosines
+                groups[best].append(i)
+        if merge:
+            for c, members in groups.items():
+                h[c] = hidden[b, members].float().mean(0).to(hidden.dtype)
+        kept = [i for i in range(L) if not visual[b, i] or i in chosen]
+        new = {i: j for j, i in enumerate(kept)}
+        back = [new[i] if i in new else new[next(c for c, m in groups.items() if i in m)] for i in range(L)]
+        rows.append(h[kept]), keeps.append(kept), backs.append(back)
+    width = max(len(k) for k in keeps)          # short rows: filler copies of their last kept token, flagged invalid
+    valid = torch.tensor([[j < len(k) for j in range(width)] for k in keeps])
+    keeps = [k + [k[-1]] * (width - len(k)) for k in keeps]
+    rows = [torch.cat([r, r[-1:].expand(width - len(r), -1)]) for r in rows]
+    return torch.stack(rows), torch.tensor(keeps), torch.tensor(backs), valid
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inner_merge_matches_the_token_by_token_reference(seed, merge, ragged):
+    from vopt.merging.inner import inner_merge
+
+    g = torch.Generator().manual_seed(seed)
+    B, L, D = 3, 23, 8
+    counts = [12, 7, 2] if ragged else [12, 12, 12]   # ragged: rows after an outer stage that kept different counts
+    hidden = torch.randn(B, L, D, generator=g)
+    visual = torch.zeros(B, L, dtype=torch.bool)
+    for b, n in enumerate(counts):  # different places per row (text/padding around the video)
+        start = int(torch.randint(0, L - n + 1, (1,), generator=g))
+        visual[b, start:start + n] = True
+    importance = torch.rand(B, L, generator=g)
+    importance[0, visual[0]] = 0.5            # all-equal scores in row 0: the earliest tokens win
+    hidden[1, 5] = hidden[1, 6]               # duplicate states
+    got = inner_merge(hidden, importance, visual, 0.4, merge=merge)
+    h, keep_idx, back, valid = _inner_reference(hidden, importance, visual, 0.4, merge)
+    assert got.visual_before == sum(counts) and got.visual_after == sum(math.ceil(0.4 * n) for n in counts)
+    assert torch.equal(got.valid, valid) and got.ragged == ragged
+    assert torch.equal(got.keep_idx, keep_idx) and torch.equal(got.back, back)
+    torch.testing.assert_close(got.hidden, h, rtol=0, atol=1e-6)  # fp32 means of <= 12 vectors
+
+
+def test_inner_merge_identity_and_errors():
+    from vopt.merging.inner import inner_merge
+
+    h, vis = torch.randn(2, 9, 4), torch.zeros(2, 9, dtype=torch.bool)
+    vis[:, 2:6] = True
+    same = inner_merge(h, torch.rand(2, 9), vis, 1.0)
+    assert torch.equal(same.hidden, h) and torch.equal(same.back, torch.arange(9).expand(2, 9))
+    with pytest.raises(ValueError, match="keep"):
+        inner_merge(h, torch.rand(2, 9), vis, 0.0)
+
+
+def test_last_token_importance_equals_softmax_attention_with_gqa_and_masks():
+    from vopt.merging.inner import last_token_importance
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, L, hd, t = 2, 4, 2, 11, 8, 2
+    q, k = torch.randn(B, H, t, hd, generator=g), torch.randn(B, Hkv, L, hd, generator=g)
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    key_mask[1, :3] = False                                                     # left padding in row 1
+    q_pos = torch.tensor([[L - 2, L - 1], [5, 8]])                             # row 1: right padding after 8
+    key_mask[1, 9:] = False
+    got = last_token_importance(q, k, key_mask, q_pos)
+    assert torch.equal(last_token_importance(q[:1], k[:1], key_mask[:1]), got[:1])  # default: the last t positions
+    want = torch.zeros(B, L)
+    for b in range(B):
+        for h in range(H):
+            for j in range(t):
+                pos = int(q_pos[b, j])
+                s = (q[b, h, j] @ k[b, h // (H // Hkv), : pos + 1].T) / math.sqrt(hd)
+                s = s.masked_fill(~key_mask[b, : pos + 1], float("-inf"))
+                want[b, : pos + 1] += torch.softmax(s, 0) / (H * t)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -270,3 +270,128 @@ def test_generate_merges_via_inputs_embeds(base):
     assert int(gen[0, 0]) == int(first)  # the first generated token is the merged forward's greedy answer
     with pytest.raises(NotImplementedError, match="positions='original'"):
         _opt(base, 0.5, positions="original").generate(**inputs, max_new_tokens=2)
+
+
+# ---- inner-LLM merging (spec §2) -----------------------------------------------------------------------------------
+
+
+def _inner(model, **kw):
+    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(**kw)}), passes=["holitom"])
+
+
+def test_inner_config_validation():
+    with pytest.raises(ConfigError, match="inner_keep"):
+        HoliTomPassConfig(inner_layer=2, inner_keep=0.0)
+    with pytest.raises(ConfigError, match="inner_layer"):
+        HoliTomPassConfig(inner_layer=-1)
+    with pytest.raises(ConfigError, match="nothing to do"):
+        HoliTomPassConfig(outer=False)
+
+
+def test_inner_layer_out_of_range_is_a_config_error(base):
+    with pytest.raises(ConfigError, match="inner_layer=9 is out of range"):
+        _inner(base, outer=False, inner_layer=9)
+
+
+def test_inner_identity_at_keep_1_and_batch_rows_equal_single_rows(base):
+    inputs = _inputs(base, n=4)   # right padding: rows of 39..43 real tokens, the same 33 video tokens each
+    pos = vt.answer_positions(inputs["attention_mask"])
+    rows = torch.arange(4)
+    with torch.no_grad():
+        ref = base(**inputs).logits
+        same = _inner(base, outer=False, inner_layer=2, inner_keep=1.0)(**inputs).logits
+        opt = _inner(base, outer=False, inner_layer=2, inner_keep=0.5)
+        got = opt(**inputs).logits
+        single = [opt(**{k: v[b:b + 1] for k, v in inputs.items()}).logits[0, pos[b]] for b in range(4)]
+    assert (same - ref).abs().max().item() <= 1e-6            # keep=1 gathers every token: only copies
+    assert got.shape == ref.shape                              # the last layer maps back to the input layout
+    assert (got[rows, pos] - ref[rows, pos]).abs().max().item() > 1e-3   # and keep=0.5 really changed something
+    for b in range(4):                                         # batch x padding: each row as if alone (fp32 order)
+        assert (single[b] - got[b, pos[b]]).abs().max().item() <= 1e-5
+    stats = getattr(opt.module, STATS_ATTR).inner
+    assert stats.visual_before == 8 * 33 and stats.visual_after == 8 * 17   # ceil(0.5 x 33) per row; 4 + 4 x 1 rows
+    from vopt.merging.flops import paper_prefill_flops
+
+    text = base.config.get_text_config()
+    f = lambda **kw: 8 * paper_prefill_flops(4, text.hidden_size, text.intermediate_size, 33, **kw)
+    assert stats.paper_flops_before == pytest.approx(f())
+    assert stats.paper_flops_after == pytest.approx(f(inner_layer=2, inner_keep=0.5))
+    assert stats.paper_flops_after < stats.paper_flops_before
+    assert any("inner K=2/4 keep=0.5" in m.what for r in opt.report.runtime_results for m in r.matches)
+
+
+def test_inner_scores_equal_the_models_own_last_token_attention(base):
+    """The importance (layer K's q/k + RoPE, GQA) equals HF eager attention probabilities of the last query."""
+    from vopt.merging.inner import last_token_importance
+    from vopt.passes.holitom import InnerMergeLayer
+
+    inputs = _inputs(base, n=2)
+    inputs["attention_mask"][:, -3:] = 0  # more right padding: the scoring query is each row's last real token
+    K = 2
+    model = vopt.optimize(base, passes=["sdpa"]).module  # a working copy whose attention we may switch
+    model.config.get_text_config()._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    last = inputs["attention_mask"].sum(1) - 1                                  # right padding: last real token
+    want = out.attentions[K][torch.arange(2), :, last, :].float().mean(1)      # [B, L]
+    # Recompute through the wrapper's own path on a freshly wrapped model.
+    opt = _inner(base, outer=False, inner_layer=K, inner_keep=0.5)
+    layer = opt.module.model.language_model.layers[K]
+    assert isinstance(layer, InnerMergeLayer)
+    captured = {}
+    orig = last_token_importance
+
+    def spy(q, k, key_mask=None, q_pos=None):
+        captured["imp"] = orig(q, k, key_mask, q_pos)
+        return captured["imp"]
+
+    import vopt.passes.holitom as holitom_pass
+
+    holitom_pass.last_token_importance = spy
+    try:
+        with torch.no_grad():
+            opt(**inputs)
+    finally:
+        holitom_pass.last_token_importance = orig
+    torch.testing.assert_close(captured["imp"], want, rtol=0, atol=2e-6)  # fp32 softmax of the same logits
+
+
+def test_inner_generate_batch_equals_single_rows(base):
+    samples = scoring.qa_samples("test", 2, 5, 8, None)
+    base.config.get_text_config().pad_token_id = base.config.get_text_config().pad_token_id or 0
+    opt = _inner(base, outer=False, inner_layer=1, inner_keep=0.4)
+    batch = scoring.model_inputs(base, samples)
+    left = {k: v.clone() for k, v in batch.items()}
+    # Left-pad row by row (generation continues after the last real token of each row).
+    for b in range(2):
+        n = int(batch["attention_mask"][b].sum())
+        for key in ("input_ids", "attention_mask"):
+            row = batch[key][b, :n]
+            left[key][b] = torch.cat([torch.zeros(left[key].shape[1] - n, dtype=row.dtype), row])
+    with torch.no_grad():
+        gen = opt.generate(**left, max_new_tokens=4, do_sample=False)
+        for b in range(2):
+            n = int(batch["attention_mask"][b].sum())
+            one = {"input_ids": batch["input_ids"][b:b + 1, :n], "attention_mask": batch["attention_mask"][b:b + 1, :n],
+                   "pixel_values_videos": batch["pixel_values_videos"][b:b + 1]}
+            alone = opt.generate(**one, max_new_tokens=4, do_sample=False)
+            assert gen[b, -4:].tolist() == alone[0, -4:].tolist()
+            first = opt(**one).logits[0, n - 1].argmax()
+            assert int(alone[0, -4]) == int(first)   # the first new token is the merged forward's greedy answer
+    assert getattr(opt.module, STATS_ATTR).inner.prefills == 5  # 1 batch + 2 single generates, 2 forwards: all merged
+
+
+def test_outer_plus_inner_ragged_batch_equals_single_rows(base):
+    """The outer stage leaves rows with different visual counts: the inner stage pads them with masked fillers."""
+    inputs = _inputs(base, n=4, seed=3)
+    pos = vt.answer_positions(inputs["attention_mask"])
+    opt = _inner(base, merge=HoliTomConfig(retain_ratio=0.5), inner_layer=2, inner_keep=0.5)
+    with torch.no_grad():
+        out = opt(**inputs)
+        single = [opt(**{k: v[b:b + 1] for k, v in inputs.items()}).logits[0, pos[b]] for b in range(4)]
+    assert len(set(out.holitom.tokens_after)) > 1, "the outer stage should leave rows of different lengths here"
+    for b in range(4):
+        assert torch.isfinite(out.logits[b, pos[b]]).all()
+        assert (single[b] - out.logits[b, pos[b]]).abs().max().item() <= 1e-5
+    stats = getattr(opt.module, STATS_ATTR)
+    assert stats.inner.visual_after < stats.inner.visual_before <= stats.tokens_after

@@ -1,10 +1,10 @@
-"""Visual-token merging (HoliTom outer-LLM stage) as pure tensor functions.
+"""Visual-token merging (HoliTom outer- and inner-LLM stages) as pure tensor functions.
 
-Spec: ``shared/specs/tokens.md`` §1. The model pass that installs it (and HoliTom's inner-LLM stage, §2) is not
-here yet.
+Spec: ``shared/specs/tokens.md`` §1-§2. The model pass that installs them is ``vopt.passes.holitom``.
 
 * :mod:`.config`: :class:`HoliTomConfig` (registered), :class:`ClusterMergeMode`, :class:`BudgetRounding`.
 * :mod:`.density`: deterministic DPC-KNN centres and beta/mean cluster merging.
+* :mod:`.inner`: :func:`last_token_importance`, :func:`inner_merge` (the inner-LLM stage).
 * :mod:`.flops`: the HoliTom/FastV paper FLOPs formula (:func:`paper_prefill_flops`).
 * :mod:`.holitom`: :func:`temporal_segments`, :func:`temporal_merge`, :func:`spatial_merge`, :func:`holitom_merge`
   -> :class:`MergeResult` (tokens, positions, a sparse source map that reconstructs them, kept per frame).
