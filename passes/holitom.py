@@ -710,7 +710,7 @@ class HoliTomPass(Pass):
             return result
         m, cfg = self.config.merge, self.config
         budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"
-        what = kind + (f" HoliTom outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
+        what = kind + (f" {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
                        f"rounding={m.budget_rounding.value} positions={cfg.positions} logits={cfg.logits}"
                        if cfg.outer else " HoliTom (no outer stage)")
         match = Match("model", what, rewritten=True)

@@ -465,3 +465,44 @@ def test_last_token_importance_equals_softmax_attention_with_gqa_and_masks():
                 s = s.masked_fill(~key_mask[b, : pos + 1], float("-inf"))
                 want[b, : pos + 1] += torch.softmax(s, 0) / (H * t)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+# ---- peers as configs of the same outer stage ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["visionzip", "pool"])
+@pytest.mark.parametrize("budget", [5, 13, 40])
+def test_peer_methods_keep_the_budget_per_frame_and_reconstruct(method, budget):
+    F = planted([3, 2, 1, 2], N=16, D=8, seed=9, noise=0.05, dtype=torch.float64)
+    res = holitom_merge(F, HoliTomConfig(token_budget=budget, method=method, dominant_ratio=0.25))
+    assert res.tokens.shape[0] == budget and res.reduced == 0           # exact budget, no temporal stage
+    assert res.kept_per_frame.tolist() == group_budgets([16] * 8, budget, 128, [False] * 8)
+    torch.testing.assert_close(res.reconstruct(F), res.tokens, rtol=1e-12, atol=1e-12)
+    sums = torch.zeros(budget, dtype=torch.float64).index_add_(0, res.source_owner, res.source_weight)
+    torch.testing.assert_close(sums, torch.ones_like(sums))             # every output is a weighted mean
+    for m in range(budget):                                             # sources stay inside the output's frame
+        frames = res.source_index[res.source_owner == m] // 16
+        assert (frames == res.positions[m, 0]).all()
+
+
+def test_uniform_pool_is_the_mean_of_consecutive_runs():
+    F = torch.arange(2 * 6 * 1, dtype=torch.float64).view(2, 6, 1)
+    res = holitom_merge(F, HoliTomConfig(token_budget=4, method="pool"))
+    # 2 tokens per frame: runs [0,1,2] and [3,4,5] of each frame
+    assert res.tokens.view(-1).tolist() == [1.0, 4.0, 7.0, 10.0]
+    assert res.positions.tolist() == [[0, 0], [0, 3], [1, 0], [1, 3]]
+
+
+def test_visionzip_keeps_the_top_scored_tokens_when_all_dominant():
+    F = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    scores = torch.zeros(2, 8)
+    scores[0, [6, 2]] = 1.0
+    scores[1, [1, 5]] = 1.0
+    res = holitom_merge(F, HoliTomConfig(token_budget=4, method="visionzip", dominant_ratio=0.0), scores=scores)
+    assert res.positions.tolist() == [[0, 2], [0, 6], [1, 1], [1, 5]]
+    torch.testing.assert_close(res.tokens, F[[0, 0, 1, 1], [2, 6, 1, 5]])
+
+
+def test_method_is_validated():
+    with pytest.raises(ConfigError, match="method"):
+        HoliTomConfig(method="tome")

@@ -10,6 +10,10 @@ from ..config import VoptConfig, config_field, register_config
 from ..errors import ConfigError
 
 
+#: Outer-stage methods: HoliTom and the peers implemented as configs of the same stage.
+MERGE_METHODS = ("holitom", "visionzip", "pool")
+
+
 class ClusterMergeMode(str, Enum):
     """How a DPC-KNN cluster becomes one token (spec §1.4)."""
 
@@ -45,6 +49,11 @@ class HoliTomConfig(VoptConfig):
     knn: int = config_field(7, help="K nearest neighbours for the DPC-KNN density (capped at the cluster count).")
     cluster_merge: ClusterMergeMode = config_field(
         ClusterMergeMode.BETA, help="'beta' (centre-weighted, reference default) or 'mean' (plain mean).")
+    method: str = config_field(
+        "holitom", help="'holitom' (temporal segmentation + temporal merge + spatial merge), or a peer for comparison "
+        "at the same budget: 'visionzip' (per frame: top tokens by attention score + DPC-KNN contextual tokens, "
+        "dominant_ratio of the budget contextual; no temporal stage) or 'pool' (per frame: uniform average pooling of "
+        "consecutive raster tokens).")
     budget_rounding: BudgetRounding = config_field(
         BudgetRounding.EXACT, help="'exact' (output = min(budget, tokens left after temporal merging), exactly) or "
         "'reference' (the published per-group ceil/round, approximately the budget).")
@@ -67,6 +76,8 @@ class HoliTomConfig(VoptConfig):
             raise bad("beta", "a number in [0, 1], e.g. 0.6")
         if not (0.0 <= self.dominant_ratio <= 1.0):
             raise bad("dominant_ratio", "a number in [0, 1], e.g. 0.0")
+        if self.method not in MERGE_METHODS:
+            raise bad("method", ", ".join(MERGE_METHODS))
         if self.knn < 1:
             raise bad("knn", "an integer >= 1, e.g. 7")
 

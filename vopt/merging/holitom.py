@@ -340,6 +340,8 @@ def holitom_merge(video_features: torch.Tensor, config: Optional[HoliTomConfig] 
         return MergeResult(video_features.reshape(T * N, D).clone(), pos, flat, flat.clone(),
                            torch.ones(T * N, dtype=wd, device=dev), torch.full((T,), N, dtype=torch.long, device=dev),
                            [(t, t) for t in range(T)], 0, budget)
+    if config.method != "holitom":
+        return _per_frame_merge(video_features, config, scores, budget)
     seg = temporal_segments(video_features, config.tau, config.max_window)
     tm = temporal_merge(video_features, seg.segments, config.tau, seg.similarity)
     survivors = tm.tokens.shape[0]
@@ -379,3 +381,45 @@ def holitom_merge(video_features: torch.Tensor, config: Optional[HoliTomConfig] 
     kept_per_frame = torch.bincount(positions[:, 0], minlength=T)
     return MergeResult(tokens.to(video_features.dtype), positions, owner[order], src[order], w[order],
                        kept_per_frame, seg.segments, seg.reduced, budget)
+
+
+def _uniform_pool(tokens: torch.Tensor, k: int) -> SpatialMerge:
+    """``k`` averages of consecutive raster runs of ``tokens`` [n, D] (sizes differ by at most one)."""
+    n = tokens.shape[0]
+    if k == 0:  # the whole frame is dropped
+        return spatial_merge(tokens, 0)
+    x = tokens.to(_work_dtype(tokens))
+    assign = torch.arange(n, device=x.device) * k // n                                   # [n] run id, non-decreasing
+    sizes = torch.bincount(assign, minlength=k).to(x.dtype)
+    out = x.new_zeros(k, x.shape[-1]).index_add_(0, assign, x) / sizes[:, None]
+    rep = torch.searchsorted(assign, torch.arange(k, device=x.device))                  # first token of each run
+    return SpatialMerge(out, rep, assign, 1.0 / sizes[assign])
+
+
+def _per_frame_merge(video_features: torch.Tensor, config: HoliTomConfig, scores: Optional[torch.Tensor],
+                     budget: int) -> MergeResult:
+    """The peers (``config.method``): each frame reduced on its own to its share of the budget, no temporal stage."""
+    T, N, D = video_features.shape
+    ks = group_budgets([N] * T, budget, T * N, [False] * T, config.budget_rounding)
+    sc = proxy_scores(video_features) if scores is None else scores.to(_work_dtype(video_features))
+    outs, positions, owners, srcs, weights = [], [], [], [], []
+    m = 0
+    for t in range(T):
+        if config.method == "pool":
+            sm = _uniform_pool(video_features[t], ks[t])
+        else:  # visionzip: dominant tokens by attention + contextual DPC-KNN tokens
+            sm = spatial_merge(video_features[t], ks[t], method="attention", scores=sc[t], knn=config.knn,
+                               beta=config.beta, dominant_ratio=config.dominant_ratio,
+                               merge_mode=config.cluster_merge.value)
+        live = torch.nonzero(sm.assign >= 0).squeeze(1)
+        outs.append(sm.tokens)
+        positions.append(torch.stack([torch.full_like(sm.rep, t), sm.rep], -1))
+        owners.append(sm.assign[live] + m)
+        srcs.append(live + t * N)
+        weights.append(sm.coeff[live])
+        m += ks[t]
+    owner, src, w = torch.cat(owners), torch.cat(srcs), torch.cat(weights)
+    order = torch.argsort(owner * (T * N) + src)
+    return MergeResult(torch.cat(outs).to(video_features.dtype), torch.cat(positions), owner[order], src[order],
+                       w[order], torch.tensor(ks, dtype=torch.long, device=video_features.device),
+                       [(t, t) for t in range(T)], 0, budget)
