@@ -6,6 +6,7 @@ In the interpreter the kernel takes its PV_FP8=False path: P rounded to E4M3 in 
 in-kernel FP8 cast + FP8 MMA path (sm_89/sm_90) is only compiled here (test at the bottom).
 Shapes stay at N <= 256 (interpreter speed, shared/specs/environment.md §2).
 """
+import itertools
 import json
 import math
 import os
@@ -378,8 +379,9 @@ _SCRIPT = _COMPILE_SCRIPT.replace('{"ptx": out.asm["ptx"]}', '{"ptx": out.asm["p
 assert _SCRIPT != _COMPILE_SCRIPT
 
 _SIG = {"Q": "*i8", "K": "*i8", "V": None, "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "Out": "*fp16",
-        "M": "*fp32", "L": "*fp32", "Mask": "*fp32", "Hq": "i32", "G": "i32", "Nq": "i32", "Nk": "i32", "D": "i32",
-        "DV": "i32", "NQB": "i32", "NKB": "i32", "smb": "i32", "smh": "i32", "smq": "i32", "smk": "i32"}
+        "M": "*fp32", "L": "*fp32", "Mask": "*fp32", "Live": "*u8", "Hq": "i32", "G": "i32", "Nq": "i32", "Nk": "i32",
+        "D": "i32", "DV": "i32", "NQB": "i32", "NKB": "i32", "smb": "i32", "smh": "i32", "smq": "i32", "smk": "i32",
+        "slb": "i32", "slh": "i32", "slm": "i32"}
 
 
 def _compile(kernel: str, sig: dict, consts: dict, arch: int) -> dict:
@@ -415,7 +417,7 @@ def test_attention_kernel_compiles_with_int8_and_fp8_mma(arch, shape):
     fp8 = arch >= 89
     block_m, d = (128, 64) if shape == "prefill" else (16, 32)
     sig = dict(_SIG, V="*fp8e4nv" if fp8 else "*fp16")
-    consts = dict(IS_CAUSAL=True, PV_FP8=fp8, STORE_ML=True, HAS_MASK=False, MASK_BOOL=False,
+    consts = dict(IS_CAUSAL=True, PV_FP8=fp8, STORE_ML=True, HAS_MASK=False, MASK_BOOL=False, HAS_LIVE=False,
                   BLOCK_M=block_m, BLOCK_N=64, QBLK=128, D_PAD=d, DV_PAD=d)
     asm = _compile("_sage_attn_fwd_kernel", sig, consts, arch)
     ptx, ttgir = asm["ptx"], asm["ttgir"]
@@ -446,10 +448,11 @@ def test_attention_kernel_compiles_with_int8_and_fp8_mma(arch, shape):
 @pytest.mark.parametrize("mask", ["bool", "additive"])
 def test_masked_attention_kernel_compiles(mask):
     """HAS_MASK=True (bool masks as u8, additive ones here fp16) compiles for sm_90 prefill and keeps the
-    wgmma s8 QK and e4m3 PV dots. (HAS_MASK is a constexpr: the no-mask build above has no mask code.)"""
+    wgmma s8 QK and e4m3 PV dots. (HAS_MASK is a constexpr: the no-mask build above has no mask code.)
+    Bool masks also get the tile-skip table (HAS_LIVE): the dots stay wgmma inside the runtime branch."""
     sig = dict(_SIG, V="*fp8e4nv", Mask="*u8" if mask == "bool" else "*fp16")
     consts = dict(IS_CAUSAL=True, PV_FP8=True, STORE_ML=False, HAS_MASK=True, MASK_BOOL=mask == "bool",
-                  BLOCK_M=128, BLOCK_N=64, QBLK=128, D_PAD=64, DV_PAD=64)
+                  HAS_LIVE=mask == "bool", BLOCK_M=128, BLOCK_N=64, QBLK=128, D_PAD=64, DV_PAD=64)
     ptx = _compile("_sage_attn_fwd_kernel", sig, consts, 90)["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in ptx
@@ -497,3 +500,35 @@ def test_masked_attention_on_gpu_matches_reference(dtype):
     want = sage_attention_reference(q, k, v, mask, is_causal=True, enable_gqa=True, precision=P)
     assert _cos(out.cpu(), want) >= 0.99999
     assert (out.cpu().float() - want.float()).abs().max().item() <= 2e-2
+
+
+# ------------------------------------------------------------------ dead-tile skipping (bool masks)
+@pytest.mark.parametrize("shape", [(2, 3, 70, 150), (1, 1, 70, 150), (2, 1, 1, 150), (1, 3, 70, 1), (150,)])
+def test_tile_live_table_matches_brute_force(shape):
+    """Per (b, h, query tile, key tile): 1 iff some element of the tile is visible, for broadcast mask shapes."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(shape, generator=g) < 0.02           # sparse: many dead tiles
+    full = mask.expand(2, 3, 70, 150)
+    live, strides = sa._tile_live(mask, (2, 3, 70, 150), 32, 64)
+    assert live.shape == (2, 3, 3, 3) and live.stride(3) == 1 and strides == live.stride()[:3]
+    for b, h, m, n in itertools.product(range(2), range(3), range(3), range(3)):
+        assert int(live[b, h, m, n]) == int(full[b, h, m * 32:(m + 1) * 32, n * 64:(n + 1) * 64].any())
+
+
+def test_dead_tiles_are_skipped_exactly(monkeypatch):
+    """A CCAM mask (query group i sees frames 0..g(i)) leaves whole key tiles dead: skipping them gives the same
+    bits as visiting them (a fully masked tile adds exp2(-inf) = 0), and the output matches the reference."""
+    from vopt.ops.ccam_mask import CCAMMask
+
+    q, k, v = _inputs(1, 2, 2, 96, 4 * 64, 32, torch.float32, seed=5)
+    mask = CCAMMask(96, 4, 64).dense()                         # [96, 256]: 4 frames of 64 keys
+    live, _ = sa._tile_live(mask, (1, 2, 96, 256), 64, 64)
+    assert 0 < int(live.sum()) < live.numel()                  # some tiles really are dead
+    skipped = sa.sage_attention_triton(q, k, v, attn_mask=mask)
+    monkeypatch.setattr(sa, "_tile_live", lambda m, shape, bm, bn: (
+        torch.ones(shape[0], shape[1], -(-shape[2] // bm), -(-shape[3] // bn), dtype=torch.uint8),
+        (0, 0, -(-shape[3] // bn))))
+    visited = sa.sage_attention_triton(q, k, v, attn_mask=mask)
+    assert torch.equal(skipped, visited)
+    want = sage_attention_reference(q, k, v, attn_mask=mask, precision=P)
+    assert _cos(skipped, want) > 0.9999
