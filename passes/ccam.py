@@ -34,8 +34,9 @@ mode when an existing bool mask hides every key of frames 0..g(i)). At the full 
 Why ``default = False`` (opt-in). ``existing`` mode is exact, but on CPU the only backend of
 ``vopt::block_sparse_attention`` is a per-tile Python loop that is slower than one dense SDPA
 call; the win (skipping ~(T-1)/(2T) of the tiles) needs the Triton kernel on a GPU. It also runs
-before ``sdpa`` / ``sageattention2``, so a rewritten site is no longer quantized by
-``sageattention2`` (no quantized+masked composition yet). ``apply`` mode changes the numbers and
+before ``sdpa`` / ``sageattention2``; ``sageattention2`` then turns a rewritten site into
+``vopt::sage_attention`` with the equivalent bool mask (quantized + masked; the sage Triton kernel
+skips the dead tiles of a bool mask itself). ``apply`` mode changes the numbers and
 must always be asked for. Use e.g.
 ``vopt.optimize(model, passes=["canonicalize_attention", "ccam"], example_inputs=...)``.
 """

@@ -1,7 +1,9 @@
 """``sageattention2``: attention -> ``vopt::sage_attention`` (SageAttention2 quantized numerics).
 
 What it does. Every ``aten.scaled_dot_product_attention`` node of a captured stage (and every
-``vopt.attention`` node, when the ``sdpa`` pass ran first) becomes ``vopt::sage_attention`` with
+``vopt.attention`` node, when the ``sdpa`` pass ran first, and every ``vopt.block_sparse_attention``
+node, when the ``ccam`` pass ran first: its mask ``dense & expand(block layout)`` becomes a bool
+``attn_mask``, whose fully masked tiles the Triton kernel skips) becomes ``vopt::sage_attention`` with
 the same arguments plus a *precision preset* (:data:`vopt.ops.sage_attention.PRESETS`):
 
 * ``int4_fp8``: INT4 per-thread QK with Q smoothing, FP8 PV. Cheapest, least accurate.
@@ -62,6 +64,7 @@ import torch
 import torch.fx
 
 import vopt.ops  # noqa: F401  (registers torch.ops.vopt.attention / sage_attention)
+import vopt.ops.block_sparse_attention  # noqa: F401  (registers torch.ops.vopt.block_sparse_attention)
 from vopt.config import VoptConfig, config_field, register_config
 from vopt.errors import ConfigError
 from vopt.ops import sage_attention as sage_op
@@ -74,9 +77,11 @@ from .sdpa import describe, sdpa_arguments
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VOPT_ATTENTION = torch.ops.vopt.attention.default
 SAGE_ATTENTION = torch.ops.vopt.sage_attention.default
+BLOCK_SPARSE = torch.ops.vopt.block_sparse_attention.default
+_BLOCK_SPARSE_ARGS = ("query", "key", "value", "block_mask", "block_q", "block_k", "dense_mask", "scale")
 #: Largest head_dim this pass quantizes (the reference handles any; the Triton kernel <= 128, larger falls back).
 MAX_HEAD_DIM = 256
-_ATTENTION_TARGETS = (SDPA, VOPT_ATTENTION)
+_ATTENTION_TARGETS = (SDPA, VOPT_ATTENTION, BLOCK_SPARSE)
 _ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -154,10 +159,49 @@ class SageAttention2Config(VoptConfig):
 
 
 def attention_arguments(node: torch.fx.Node) -> dict:
-    """All eight SDPA arguments of an SDPA or ``vopt.attention`` node, by name, defaults filled in."""
+    """All eight SDPA arguments of an SDPA or ``vopt.attention`` node, by name, defaults filled in.
+
+    A ``vopt.block_sparse_attention`` node (the ``ccam`` pass's) gives its q/k/v/scale, ``attn_mask=None`` and its
+    own arguments under ``"block_sparse"`` (its mask is built by :func:`_block_sparse_mask`)."""
+    if node.target is BLOCK_SPARSE:
+        own = {"block_q": None, "block_k": None, "dense_mask": None, "scale": None}
+        own.update(dict(zip(_BLOCK_SPARSE_ARGS, node.args)))
+        own.update(node.kwargs)
+        out = {"query": own["query"], "key": own["key"], "value": own["value"], "attn_mask": None, "dropout_p": 0.0,
+               "is_causal": False, "scale": own["scale"], "enable_gqa": False, "block_sparse": own}
+        return out
     out = sdpa_arguments(node)
     out.update(dict(zip(_ARG_NAMES, node.args)))  # vopt.attention nodes may carry scale/enable_gqa positionally
     return out
+
+
+def _block_sparse_mask(gm: torch.fx.GraphModule, node: torch.fx.Node, own: dict) -> "torch.fx.Node | str":
+    """The bool mask [.., Nq, Nk] that gives ``vopt::sage_attention`` the block-sparse op's semantics:
+    ``dense_mask & expand(block_mask)``, as a graph node; or the reason it cannot be built.
+
+    The block mask must be a constant of the graph (a ``get_attr``, as the ``ccam`` pass emits); its expansion is
+    stored as a buffer of the GraphModule. The sage kernel then skips the dead tiles itself (bool mask -> tile table).
+    """
+    bm = own["block_mask"]
+    if not (isinstance(bm, torch.fx.Node) and bm.op == "get_attr"):
+        return "the block mask is computed in the graph, not a constant; kept as vopt::block_sparse_attention"
+    qv, kv = own["query"].meta.get("val"), own["key"].meta.get("val")
+    if not (isinstance(qv, torch.Tensor) and isinstance(kv, torch.Tensor)):
+        return "query/key shapes unknown (no meta['val']); kept as vopt::block_sparse_attention"
+    nq, nk = int(qv.shape[-2]), int(kv.shape[-2])
+    blocks = getattr(gm, bm.target)
+    full = blocks.repeat_interleave(own["block_q"], 0)[:nq].repeat_interleave(own["block_k"], 1)[:nk].bool()
+    idx = 0
+    while hasattr(gm, f"_sage_block_mask_{idx}"):
+        idx += 1
+    name = f"_sage_block_mask_{idx}"
+    gm.register_buffer(name, full.contiguous(), persistent=False)
+    g = gm.graph
+    with g.inserting_before(node):
+        mask = g.get_attr(name)
+        if own["dense_mask"] is not None:
+            mask = g.call_function(torch.ops.aten.logical_and.default, (own["dense_mask"], mask))
+    return mask
 
 
 def _head_dim(query) -> Optional[int]:
@@ -184,8 +228,18 @@ class _AttentionRecorder(torch.fx.Interpreter):
         if n.op == "call_function" and n.target in _ATTENTION_TARGETS and (self.names is None or n.name in self.names):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             values = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-            values.update(dict(zip(_ARG_NAMES, args)))
-            values.update(kwargs)
+            if n.target is BLOCK_SPARSE:  # the same call as SDPA arguments: mask = dense & expand(block)
+                own = {"dense_mask": None, "scale": None, **dict(zip(_BLOCK_SPARSE_ARGS, args)), **kwargs}
+                nq, nk = own["query"].shape[-2], own["key"].shape[-2]
+                mask = own["block_mask"].repeat_interleave(own["block_q"], 0)[:nq]
+                mask = mask.repeat_interleave(own["block_k"], 1)[:, :nk].bool()
+                if own["dense_mask"] is not None:
+                    mask = mask & own["dense_mask"]
+                values.update(query=own["query"], key=own["key"], value=own["value"], attn_mask=mask,
+                              scale=own["scale"])
+            else:
+                values.update(dict(zip(_ARG_NAMES, args)))
+                values.update(kwargs)
             self.records[n.name] = self.visit(n.name, values)
         return super().run_node(n)
 
@@ -294,7 +348,7 @@ class SageAttention2Pass(Pass):
     config_cls = SageAttention2Config
     kind = PassKind.GRAPH
     provides = frozenset({"attention:sage"})
-    after = ("canonicalize_attention", "sdpa")
+    after = ("canonicalize_attention", "sdpa", "ccam")
     default = False  # changes numerics: opt-in (module docstring)
 
     def run_graph(self, graph: StageGraph, ctx: PassContext) -> PassResult:
@@ -309,7 +363,10 @@ class SageAttention2Pass(Pass):
                 continue
             args = attention_arguments(node)
             site = where(graph.stage, node)
-            what = describe(node)
+            if node.target is BLOCK_SPARSE:
+                what = f"vopt.block_sparse_attention(block {args['block_sparse']['block_q']}x{args['block_sparse']['block_k']})"
+            else:
+                what = describe(node)
             if node.target is VOPT_ATTENTION:
                 what = "vopt.attention" + what[len("sdpa"):]
             head_dim = _head_dim(args["query"])
@@ -372,9 +429,16 @@ class SageAttention2Pass(Pass):
             if reason is not None:
                 result.matches.append(Match(site, what, rewritten=False, reason=reason))
                 continue
+            kwargs = {name: args[name] for name in _ARG_NAMES[3:]}
+            if "block_sparse" in args:  # quantized + masked: the sage kernel skips the dead tiles itself
+                mask = _block_sparse_mask(graph.gm, node, args["block_sparse"])
+                if isinstance(mask, str):
+                    result.matches.append(Match(site, what, rewritten=False, reason=mask))
+                    continue
+                kwargs["attn_mask"] = mask
+                note += "; block-sparse mask as a bool attn_mask (dead tiles skipped by the kernel)"
             note += _padding_note(_head_dim(args["query"]), choice)
             result.matches.append(Match(site, f"{what} -> sage[{choice}] ({note})", rewritten=True))
-            kwargs = {name: args[name] for name in _ARG_NAMES[3:]}
             kwargs["precision"] = choice
             with g.inserting_after(node):
                 new = g.call_function(SAGE_ATTENTION, args=(args["query"], args["key"], args["value"]), kwargs=kwargs)

@@ -239,3 +239,46 @@ def test_lvtr_decoder_sites_classified_and_skipped_with_reasons():
         selfs = [m for m in skipped if ".self_attn/" in m.where]
         assert len(cross) == 2 and all(why in m.reason for m in cross)
         assert len(selfs) == 4 and all("not cross-attention" in m.reason for m in selfs)
+
+
+# ---- composition with sageattention2: quantized + masked ---------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sageattention2_quantizes_the_block_sparse_site_with_the_same_mask(adaptive):
+    """ccam -> sageattention2: the block-sparse site becomes vopt::sage_attention with attn_mask = dense & expanded
+    block layout, which is the model's own CCAM mask: the result equals sageattention2 alone on the dense-masked
+    SDPA (same quantized numerics, same mask; the Triton kernel skips the dead tiles of that bool mask)."""
+    from vopt.passes.ccam import CCAMPass
+    from vopt.passes.sageattention2 import SageAttention2Config, SageAttention2Pass
+
+    zm = zoo.build("video-ccam")
+    inputs = zm.example_inputs()
+    sage = lambda: SageAttention2Pass(SageAttention2Config(adaptive=adaptive, candidates=["int8_fp8_block"],
+                                                           min_cos=0.9, stages=["projector"]))
+    both = vopt.optimize(zm.model, passes=["canonicalize_attention", CCAMPass(CCAMConfig(block_q=16, block_k=16)),
+                                           sage()], example_inputs=inputs)
+    alone = vopt.optimize(zm.model, passes=["canonicalize_attention", sage()], example_inputs=inputs)
+    with torch.no_grad():
+        ref, got, want = call(zm.model, inputs), call(both, inputs), call(alone, inputs)
+    for g, w in zip(leaves(got), leaves(want), strict=True):
+        assert torch.equal(g, w)
+    assert any(float((r - g).abs().max()) > 0 for r, g in zip(leaves(ref), leaves(got)))  # it is quantized
+    done = both.report.rewritten("sageattention2")
+    assert len(done) == 1 and "vopt.block_sparse_attention(block 16x16)" in done[0].what
+    proj = [t for name, st in both.stages.items() if name == "projector" for gm in st.graphs for t in targets(gm)]
+    assert torch.ops.vopt.sage_attention.default in proj and BLOCK_SPARSE not in proj
+
+
+def test_sageattention2_keeps_a_block_sparse_site_with_a_computed_layout():
+    """A block layout computed in the graph (not a constant) cannot be expanded at pass time: skipped, reason given."""
+    from vopt.passes.sageattention2 import SageAttention2Pass
+
+    class Computed(torch.nn.Module):
+        def forward(self, q, k, v, bm):
+            return torch.ops.vopt.block_sparse_attention(q, k, v, bm > 0, 16, 16)
+
+    q = k = v = torch.randn(1, 2, 32, 16)
+    gm = export_stage(Computed(), (q, k, v, torch.ones(2, 2)), {})
+    result = SageAttention2Pass().run_graph(StageGraph("s", "projector", gm), PassContext())
+    assert not result.rewritten and "not a constant" in result.skipped[0].reason

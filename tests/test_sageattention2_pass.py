@@ -281,7 +281,7 @@ def test_config_defaults_validation_and_round_trip():
 def test_pass_is_registered_opt_in_and_ordered():
     cls = vopt.registered_passes()["sageattention2"]
     assert cls is SageAttention2Pass and cls.default is False
-    assert set(cls.after) == {"canonicalize_attention", "sdpa"}
+    assert set(cls.after) == {"canonicalize_attention", "sdpa", "ccam"}  # ccam hands it block-sparse sites
     # An explicit pipeline must respect `after`; the error suggests the valid order.
     with pytest.raises(PassOrderError, match="'sdpa' must run before 'sageattention2'"):
         vopt.optimize(zoo.build("llama").model, passes=["sageattention2", "sdpa"])
