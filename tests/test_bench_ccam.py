@@ -41,11 +41,15 @@ def test_smoke_run_writes_json_with_accurate_rows(tmp_path):
     triton_ok = not any(r["impl"].startswith("vopt-triton") and r["ms"] is None for r in rows)
     if triton_ok:  # the interpreter ran it: both variants must be timed
         assert {"vopt-triton-dense", "vopt-triton-prefix"} <= impls
-    for r in sdpa + vopt:
+    sage = [r for r in vopt if r["impl"] == "vopt-sage-dense"]
+    exact = [r for r in vopt if r["impl"] != "vopt-sage-dense"]
+    for r in sdpa + exact:
         assert math.isfinite(r["cos"]) and r["cos"] >= 0.999, r
         assert math.isfinite(r["max_abs"]) and r["max_abs"] < 1e-3, r
         assert math.isfinite(r["tflops"]) and r["tflops"] > 0, r
-    for r in vopt:  # causal CCAM layout at 16x16 tiles: (1+2+3+4)/16 tiles live
+    for r in sage:  # INT8 QK / FP8 PV on N(0,1) inputs, head_dim 32: ~1e-2 relative error, cos ~0.9995
+        assert math.isfinite(r["cos"]) and r["cos"] >= 0.995 and r["max_abs"] < 0.2, r
+    for r in exact:  # causal CCAM layout at 16x16 tiles: (1+2+3+4)/16 tiles live
         assert 0.3 < r["skipped"] < 0.6, r
     assert all(r["skipped"] == 0.0 for r in rows if r["family"] == "sdpa")
     base = [r for r in sdpa if "speedup baseline" in r["note"]]

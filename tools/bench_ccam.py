@@ -19,6 +19,9 @@ ceil/floor). For every T it times, on the same inputs and in the same run:
 * ``vopt-triton-prefix``: the same with ``key_prefix=CCAMMask.keys_visible()`` and no dense mask;
 * ``vopt-triton-{dense,prefix}-kernel``: the same kernels launched alone (``prepare_launch`` done once beforehand:
   no validation / host checks; at these sizes the GPU kernel takes ~0.1 ms, so host overhead matters);
+* ``vopt-sage-dense``: ``vopt.kernels.sage_attention.sage_attention_triton`` (SageAttention2 INT8 QK / FP8 PV)
+  with the dense bool mask: the ``ccam`` + ``sageattention2`` composition; the kernel skips key tiles the mask
+  hides entirely (128 x 64 tiles). Quantized, so its cos vs the fp32 reference is ~0.999, not ~1;
 * ``vopt-reference``: the torch block-sparse reference (a Python loop over query blocks): ``--smoke`` or
   ``--reference`` only.
 
@@ -242,6 +245,20 @@ def run_case(frames: int, cfg: dict, args, device, dtype) -> list:
             add("vopt", impl + "-kernel", kernel_only, skip, f"{tiles}, {what}, kernel launch only{interp}")
         except Exception as exc:  # noqa: BLE001 - reported in the row
             add("vopt", impl + "-kernel", None, skip, f"prepare_launch failed: {type(exc).__name__}: {exc}")
+
+    # (e) SageAttention2 Triton with the dense bool mask (quantized + masked; dead 128x64 tiles skipped).
+    try:
+        from vopt.kernels import sage_attention as sk
+
+        swhy = sk.unsupported_reason(q, k, v, dense, None)
+        swhy = f"unsupported: {swhy}" if swhy else None
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        sk, swhy = None, f"import vopt.kernels.sage_attention failed: {type(exc).__name__}: {exc}"
+    if device.type == "cpu" and not (args.smoke or args.interpret):
+        swhy = "skipped: on CPU Triton runs only under the interpreter (--smoke or --interpret)"
+    sage_skip = 1.0 - float(cm.layout(128, 64).live_fraction) if not swhy else skip
+    add("vopt", "vopt-sage-dense", None if swhy else (lambda: sk.sage_attention_triton(q, k, v, attn_mask=dense)),
+        sage_skip, swhy or f"SageAttention2 INT8/FP8, dense bool mask, dead 128x64 tiles skipped{interp}")
 
     # (d) torch block-sparse reference (slow Python loop): smoke / --reference only.
     if args.smoke or args.reference:
