@@ -44,6 +44,18 @@ Q projection of one token per row (~1/L of a layer's prefill work). The request 
 caches without a request are untouched. A prefill whose ``inputs_embeds`` length differs from ``input_ids`` (e.g.
 chunked prefill) gets no salient protection.
 
+Fused decode (``fused_decode=True``, spec §3 "Decode path"). The pass registers ``vopt_vidkv_<inner>`` with
+transformers' attention and mask interfaces (``<inner>`` = the text decoder's implementation at pass time, e.g.
+``sdpa``, whose mask function it reuses) and switches the working copy's *text* config to it. Caches made by the
+factory while that switch holds return a :class:`~vopt.kvcache.cache.PackedKV` handle from single-token decode
+updates instead of dequantized K/V, and the attention function computes
+:meth:`~vopt.kvcache.cache.VidKVLayer.decode_attention` on the packed codes (keys scored on codes / in the frequency
+domain, values contracted on codes: :func:`vopt.kvcache.packed_decode_attention`; no ``[B, H, T, D]`` K/V is formed);
+everything else (prefill, other caches) goes to ``<inner>`` unchanged. Same tokens as the dequantizing path (tested).
+The torch implementation is what runs today (on CPU it is slower than dequantize + SDPA at these sizes); the Triton
+kernel :mod:`vopt.kernels.vidkv_decode` takes one packed block and is not yet wired in (the cache holds a list of
+append-only blocks).
+
 Why **not a default pass**: KV quantization changes generated tokens after the first one. Opt in with
 ``vopt.optimize(model, passes=["vidkv"])``.
 
@@ -61,7 +73,7 @@ import torch
 from vopt.config import VoptConfig, config_field, register_config
 from vopt.errors import ConfigError
 from vopt.kvcache import VidKVConfig
-from vopt.kvcache.cache import FLUSH_POLICIES, VidKVCache
+from vopt.kvcache.cache import FLUSH_POLICIES, PackedKV, VidKVCache
 from vopt.kvcache.salience import SALIENCE_METHODS, by_last_token_attention, by_random, by_text_similarity
 from vopt.pass_protocol import Match, Pass, PassContext, PassKind, PassResult, register_pass
 
@@ -101,6 +113,10 @@ class VidKVPassConfig(VoptConfig):
         "text_similarity", help="'text_similarity' (mean dot product of visual vs question input embeddings, the "
         "reference score), 'last_token_attention' (layer-0 attention of the last prompt token) or 'random' (control).")
     salience_seed: int = config_field(0, help="Seed of salience='random'.")
+    fused_decode: bool = config_field(
+        False, help="Decode steps attend on the packed codes (vopt.kvcache.packed_decode_attention: no dequantized "
+        "K/V) through an attention function this pass installs on the text decoder; False: the cache returns "
+        "dequantized K/V to the model's own attention.")
 
     def validate(self) -> None:
         name = type(self).__name__
@@ -119,6 +135,8 @@ class VidKVPassConfig(VoptConfig):
             raise ConfigError(f"{name}.salience must be one of {', '.join(SALIENCE_METHODS)}, got {self.salience!r}")
         if isinstance(self.salience_seed, bool) or not isinstance(self.salience_seed, int):
             raise ConfigError(f"{name}.salience_seed must be an integer, got {self.salience_seed!r}")
+        if not isinstance(self.fused_decode, bool):
+            raise ConfigError(f"{name}.fused_decode must be True or False, got {self.fused_decode!r}")
 
 
 def _visual_token_ids(config) -> list:
@@ -144,13 +162,69 @@ class VidKVCacheFactory:
         if c.protect_text and input_ids is not None and input_ids.dim() == 2:
             visual = torch.isin(input_ids, torch.tensor(self.visual_ids, device=input_ids.device))
             protected = (~visual).any(0)
+        text = self.model_config.get_text_config(decoder=True) if hasattr(self.model_config, "get_text_config") \
+            else self.model_config
+        # Only hand out PackedKV handles while the decoder still runs our attention function (another pass may
+        # have switched the implementation since): any other function would receive a handle instead of K/V.
+        fused = c.fused_decode and str(getattr(text, "_attn_implementation", "")).startswith(ATTN_PREFIX)
         cache = VidKVCache(self.model_config, c.vidkv, residual_length=c.residual_length,
                            protect_first=c.protect_first, protected=protected, prefill_exact=c.prefill_exact,
-                           flush=c.flush)
+                           flush=c.flush, fused_decode=fused)
         if c.protect_salient > 0 and input_ids is not None and input_ids.dim() == 2 and self.visual_ids:
             setattr(cache, SALIENCE_ATTR, SalienceRequest(input_ids, self.visual_ids, c.salience,
                                                           float(c.protect_salient), c.salience_seed))
         return cache
+
+
+# ---- fused decode: the attention function that reads PackedKV handles ----------------------------------------------
+
+#: Prefix of the attention implementations this pass registers: ``vopt_vidkv_<inner>`` wraps ``<inner>``.
+ATTN_PREFIX = "vopt_vidkv_"
+
+
+def _inner_attention(module, inner: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[inner]
+    import importlib
+
+    return getattr(importlib.import_module(type(module).__module__), "eager_attention_forward")
+
+
+def make_attention_forward(inner: str):
+    """transformers ``AttentionInterface`` function: decode steps whose cache returned :class:`PackedKV` attend on
+    the packed codes (:meth:`VidKVLayer.decode_attention`); everything else goes to the ``inner`` implementation
+    unchanged (prefill, non-VidKV caches)."""
+
+    def vidkv_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                scaling: Optional[float] = None, **kwargs):
+        if isinstance(key, PackedKV):
+            out = key.layer.decode_attention(query, attention_mask, scaling)
+            return out.transpose(1, 2).contiguous(), None
+        return _inner_attention(module, inner)(module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+
+    return vidkv_attention_forward
+
+
+def install_fused_decode(model) -> Optional[str]:
+    """Switch the text decoder's attention to ``vopt_vidkv_<current>`` (registered with transformers' attention and
+    mask interfaces, the mask being the current implementation's). Returns None, or why it cannot."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    text = model.config.get_text_config(decoder=True)
+    inner = getattr(text, "_attn_implementation", None) or "eager"
+    if inner.startswith(ATTN_PREFIX):
+        return None
+    if inner not in ALL_MASK_ATTENTION_FUNCTIONS and inner != "eager":
+        return f"attention implementation {inner!r} has no registered mask function"
+    name = ATTN_PREFIX + inner
+    AttentionInterface.register(name, make_attention_forward(inner))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    text._attn_implementation_internal = name  # the text config only (not its vision siblings)
+    return None
 
 
 @dataclass
@@ -340,7 +414,14 @@ class VidKVPass(Pass):
                 result.matches.append(Match("model", kind, rewritten=False, reason=reason))
                 return result
             what += f" protect_salient={c.protect_salient:g} salience={c.salience}"
+        if c.fused_decode:
+            what += " fused_decode (attention on packed codes)"
         if not ctx.dry_run:
+            if c.fused_decode:
+                why = install_fused_decode(model)
+                if why:
+                    result.matches.append(Match("model", kind, rewritten=False, reason=f"fused_decode: {why}"))
+                    return result
             factory = VidKVCacheFactory(config, c)
             setattr(model, FACTORY_ATTR, factory)
             _wrap_generate(model)

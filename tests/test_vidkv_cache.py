@@ -14,7 +14,7 @@ from vopt import zoo
 from vopt.errors import ConfigError
 from vopt.eval import video_task as vt
 from vopt.kvcache import VidKVConfig, kivi_config, quantize_keys
-from vopt.kvcache.cache import VidKVCache, VidKVLayer
+from vopt.kvcache.cache import PackedKV, VidKVCache, VidKVLayer
 from vopt.pass_protocol import PassContext
 from vopt.passes.vidkv import FACTORY_ATTR, VidKVPass, VidKVPassConfig
 
@@ -328,3 +328,53 @@ def test_video_model_agreement_table(video_model, capsys):
         assert 0.0 <= r["tok2"] <= 1.0 and 0.0 <= r["answer"] <= 1.0
     assert rows["kivi2"]["answer"] >= 0.8
     assert rows["kivi2"]["bits"] == pytest.approx(3.0)  # 2-bit codes + fp16 scale/zero per 32
+
+
+# ---- fused decode: attention on the packed codes --------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [VidKVConfig(key_group_size=4, value_group_size=4),
+                                 VidKVConfig(mode="reference", key_group_size=4, value_group_size=4), kivi_config(4)],
+                         ids=["recommended", "reference", "kivi2"])
+def test_decode_attention_equals_sdpa_over_the_dequantized_cache(cfg):
+    """GQA (4 query heads / 2 KV heads), protected tokens out of order, a padding mask: same result as SDPA over
+    full_kv() (the definition), to fp32 summation order (outputs are O(1): 2e-5)."""
+    torch.manual_seed(2)
+    layer = VidKVLayer(cfg, residual_length=3, protected=[1, 6, 7], fused_decode=True)
+    layer.update(torch.randn(2, 2, 17, 16), torch.randn(2, 2, 17, 16))
+    for _ in range(3):
+        handle, same = layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    assert isinstance(handle, PackedKV) and handle is same and layer.num_quantized_tokens > 0
+    q = torch.randn(2, 4, 1, 16)
+    mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+    mask[1, :, :, :5] = False                                  # row 1 left-padded by 5
+    K, V = layer.full_kv()
+    for m in (None, mask, torch.zeros(2, 1, 1, 20).masked_fill(~mask, float("-inf"))):
+        want = torch.nn.functional.scaled_dot_product_attention(q, K, V, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(layer.decode_attention(q, m), want, rtol=0, atol=2e-5)
+
+
+def test_fused_decode_generation_equals_dequantized_generation(video_model, monkeypatch):
+    """The vidkv pass with fused_decode on the trained video model: the same tokens as dequantize-then-attend, with
+    a window small enough that decode steps really read packed blocks; the caller's attention config untouched."""
+    from vopt.eval import scoring
+
+    seen = []
+    real = VidKVLayer.decode_attention
+    monkeypatch.setattr(VidKVLayer, "decode_attention",
+                        lambda self, *a, **k: seen.append(self.num_quantized_tokens) or real(self, *a, **k))
+
+    inputs = scoring.model_inputs(video_model, scoring.qa_samples("test", 1, 3, 8, None))
+    before = video_model.config.get_text_config()._attn_implementation
+    outs = []
+    for fused in (False, True):
+        cfg = VidKVPassConfig(vidkv=VidKVConfig(key_group_size=16, value_group_size=16), residual_length=8,
+                              protect_text=True, fused_decode=fused)
+        opt = vopt.optimize(video_model, vopt.OptimizeConfig(pass_configs={"vidkv": cfg}), passes=["vidkv"])
+        with torch.no_grad():
+            outs.append(opt.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False))
+        if fused:
+            assert opt.module.config.get_text_config()._attn_implementation == "vopt_vidkv_sdpa"
+            cache = getattr(opt.module, FACTORY_ATTR)(inputs["input_ids"])
+            assert all(layer.fused_decode for layer in cache.layers)
+    assert torch.equal(outs[0], outs[1])
+    assert len(seen) == 11 * 4 and min(seen) >= 16   # 11 decode steps x 4 layers, each over >= 1 packed block
+    assert video_model.config.get_text_config()._attn_implementation == before

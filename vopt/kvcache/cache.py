@@ -124,8 +124,10 @@ class VidKVLayer(DynamicLayer):
     is_compileable = False
 
     def __init__(self, vidkv: Optional[VidKVConfig] = None, residual_length: int = 128, protect_first: int = 0,
-                 protected: Protected = None, prefill_exact: bool = True, flush: str = "append"):
+                 protected: Protected = None, prefill_exact: bool = True, flush: str = "append",
+                 fused_decode: bool = False):
         super().__init__()
+        self.fused_decode = bool(fused_decode)
         vidkv = VidKVConfig() if vidkv is None else vidkv
         if not isinstance(vidkv, VidKVConfig):
             raise ConfigError(f"VidKVLayer.vidkv must be a VidKVConfig (e.g. kivi_config()), "
@@ -284,7 +286,37 @@ class VidKVLayer(DynamicLayer):
         self._flush(first)
         if first and self.prefill_exact:
             return key_states, value_states
+        if self.fused_decode and not first and T_new == 1:
+            handle = PackedKV(self)
+            return handle, handle
         return self.full_kv()
+
+    def decode_attention(self, query: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         scale: Optional[float] = None) -> torch.Tensor:
+        """Attention of ``query [B, Hq, Lq, D]`` over this layer's cache, computed on the packed codes
+        (:func:`vopt.kvcache.packed_decode_attention`: no dequantized K/V is formed); ``[B, Hq, Lq, Dv]``.
+
+        Tokens are visited as ``[blocks | window | protected]``; ``attn_mask`` (SDPA semantics, columns in sequence
+        order ``[.., T]``) is permuted to that order. Equals SDPA over :meth:`full_kv` to float tolerance.
+        """
+        from .decode_attention import packed_decode_attention
+
+        window_k, window_v = self.keys, self.values
+        if self.protected_pos is not None:
+            window_k = torch.cat([window_k, self.protected_keys], dim=2)
+            window_v = torch.cat([window_v, self.protected_values], dim=2)
+        if attn_mask is not None:
+            attn_mask = attn_mask[..., -self.cumulative_length:]
+            if self.protected_pos is not None:
+                keep = torch.ones(self.cumulative_length, dtype=torch.bool, device=attn_mask.device)
+                keep[self.protected_pos] = False
+                order = torch.cat([keep.nonzero().reshape(-1), self.protected_pos.to(attn_mask.device)])
+                attn_mask = attn_mask.index_select(-1, order)
+        pks = [pk for pk, _ in self.blocks]
+        pvs = [pv for _, pv in self.blocks]
+        return packed_decode_attention(query, pks or None, pvs or None, window_k if window_k.shape[2] else None,
+                                       window_v if window_v.shape[2] else None, scale=scale,
+                                       enable_gqa=query.shape[1] != window_k.shape[1], attn_mask=attn_mask)
 
     def full_kv(self):
         """The cached K/V ``[B, H, T, D]`` in sequence order: dequantized blocks, window, protected tokens in place."""
@@ -382,6 +414,17 @@ class VidKVLayer(DynamicLayer):
         return sum(pk.shape[2] for pk, _ in self.blocks)
 
 
+class PackedKV:
+    """What :meth:`VidKVLayer.update` returns for a decode step in ``fused_decode`` mode, in place of K and V: a
+    handle on the packed layer. Only an attention function that knows it (the ``vidkv`` pass installs one) may
+    receive it; it computes :meth:`VidKVLayer.decode_attention` instead of attention over dequantized tensors."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "VidKVLayer"):
+        self.layer = layer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,12 +441,14 @@ class VidKVCache(Cache):
     KIVI-2). ``residual_length``: full-precision window (spec R). ``protect_first``: leading prefill tokens kept in full
     precision; ``protected``: further positions (boolean mask ``[T]`` / ``[B, T]`` or index list) of the prefill.
     Use: ``model.generate(**inputs, cache=VidKVCache(model.config, kivi_config(), residual_length=32))``; a cache
-    serves one ``generate`` call (build a fresh one per call).
+    serves one ``generate`` call (build a fresh one per call). ``fused_decode=True``: single-token decode steps get
+    :class:`PackedKV` handles instead of dequantized K/V (needs the ``vidkv`` pass's attention function, see
+    ``passes/vidkv.py``; with any other attention implementation leave it False).
     """
 
     def __init__(self, config=None, vidkv: Optional[VidKVConfig] = None, residual_length: int = 128,
                  protect_first: int = 0, protected: Protected = None, prefill_exact: bool = True,
-                 num_layers: Optional[int] = None, flush: str = "append"):
+                 num_layers: Optional[int] = None, flush: str = "append", fused_decode: bool = False):
         if num_layers is None:
             if config is None:
                 raise ConfigError("VidKVCache needs a model config (or num_layers=) to know the number of layers")
@@ -416,7 +461,7 @@ class VidKVCache(Cache):
                 raise ConfigError(f"VidKVCache supports full-attention decoders only; "
                                   f"{type(text).__name__}.layer_types contains {sorted(types_ - {'full_attention'})}")
         self.vidkv = VidKVConfig() if vidkv is None else vidkv
-        layers = [VidKVLayer(self.vidkv, residual_length, protect_first, protected, prefill_exact, flush)
+        layers = [VidKVLayer(self.vidkv, residual_length, protect_first, protected, prefill_exact, flush, fused_decode)
                   for _ in range(num_layers)]
         super().__init__(layers=layers)
 
