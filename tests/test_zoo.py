@@ -16,7 +16,7 @@ from vopt import zoo
 from vopt.errors import ConfigError, UnknownNameError
 
 NAMES = zoo.names()
-PASS_SETS = {"default": None, "sdpa-only": ["sdpa"]}
+PASS_SETS = {"default": None, "sdpa-only": ["sdpa"], "moe": ["moe_dispatch", "moe_detect"], "vq_lookup": ["vq_lookup"]}
 ATOL = 1e-5
 RTOL = 1e-5  # exact passes differ from eager only by fp32 summation order (~1e-6 of the output's magnitude)
 
@@ -114,3 +114,13 @@ def test_errors_list_what_is_accepted():
     zm = zoo.build("llava-onevision")
     with pytest.raises(ConfigError, match="frames must be a positive integer"):
         zm.example_inputs(frames=0)
+
+
+def test_evilm_tokenizer_codes_identical_under_every_pass_set():
+    """E-ViLM's forward never calls its VQ tokenizer: the matrix above cannot see vq_lookup's effect, this does."""
+    zm = zoo.build("e-vilm")
+    pixels = zm.example_inputs(batch=2)["pixel_values"]
+    want = zm.model.tokenize_video(pixels)
+    for passes in PASS_SETS.values():
+        opt = vopt.optimize(zm.model, passes=passes)
+        assert torch.equal(opt.tokenize_video(pixels), want)

@@ -28,6 +28,9 @@ ABI_VERSION = 2
 _VOIDP = ctypes.c_void_p
 _INT_P = ctypes.POINTER(ctypes.c_int)
 _AXPY_ARGS = (_VOIDP, _VOIDP, _VOIDP, ctypes.c_float, ctypes.c_int64, _VOIDP)
+_VQ_ARGS = (_VOIDP,) * 6 + (ctypes.c_int64,) * 4 + (_VOIDP,)
+_I64 = ctypes.c_int64
+_MOE_GG_ARGS = (_VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _I64, _I64, _I64, _I64, _VOIDP, _I64, _VOIDP)
 
 # symbol -> (restype, argtypes): every function the library exports.
 SIGNATURES: dict = {
@@ -39,6 +42,13 @@ SIGNATURES: dict = {
     "vopt_axpy_f32": (ctypes.c_int, _AXPY_ARGS),
     "vopt_axpy_f16": (ctypes.c_int, _AXPY_ARGS),
     "vopt_axpy_bf16": (ctypes.c_int, _AXPY_ARGS),
+    # vq_argmin.cu: x, codebook, code_sq_norms, best, best_idx, second, n, k, d, codes_per_split, stream
+    "vopt_vq_argmin_f32": (ctypes.c_int, _VQ_ARGS),
+    "vopt_vq_argmin_f16": (ctypes.c_int, _VQ_ARGS),
+    "vopt_vq_argmin_bf16": (ctypes.c_int, _VQ_ARGS),
+    "vopt_moe_grouped_gemm_workspace_bytes": (ctypes.c_int, (_I64, ctypes.POINTER(_I64))),
+    "vopt_moe_grouped_gemm_f16": (ctypes.c_int, _MOE_GG_ARGS),
+    "vopt_moe_grouped_gemm_bf16": (ctypes.c_int, _MOE_GG_ARGS),
 }
 
 

@@ -6,4 +6,4 @@ implementation, so ``torch.export`` and ``torch.compile`` see through it.
 Importing this package registers the ops (needed before loading an exported
 program that uses them).
 """
-from . import attention, axpy, block_sparse_attention, sage_attention  # noqa: F401  (registers torch.ops.vopt.*)
+from . import attention, axpy, block_sparse_attention, grouped_gemm, sage_attention, vq_lookup  # noqa: F401  (registers torch.ops.vopt.*)
