@@ -227,6 +227,15 @@ def main(argv: Optional[list] = None) -> int:
         args.n, args.tokens = 2, 6
     torch.manual_seed(0)
     info = bench_info(torch.device("cpu"), "fidelity (CPU; timing-free)" if not args.smoke else "SMOKE TEST")
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        from importlib.metadata import version
+
+        info["optimum_quanto"] = version("optimum-quanto")
+    except Exception:  # noqa: BLE001 - not installed: the hf-quanto rows say so
+        info["optimum_quanto"] = None
     rows = run(args)
     print_table(info, rows)
     if args.out is not None:

@@ -203,3 +203,31 @@ def get_kernel_op(name: str) -> KernelOp:
 def registered_ops() -> dict:
     """All registered op registries by name."""
     return dict(_OPS)
+
+
+# ---- helpers for Triton backends ----------------------------------------------------------------------------------
+
+
+def triton_unavailable() -> Optional[str]:
+    """The ``available`` probe of a Triton backend: None when triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def triton_device_reason(device: torch.device, kernel_module: str) -> Optional[str]:
+    """Why the Triton kernels of ``kernel_module`` (e.g. ``"vopt.kernels.axpy"``) cannot run on ``device``, or None.
+
+    CUDA: None. CPU: the kernels run only in Triton's interpreter, which must have been switched on
+    (``TRITON_INTERPRET=1``) before the kernel module was imported."""
+    if device.type != "cpu":
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 is not set)"
+    import importlib
+
+    if not importlib.import_module(kernel_module).is_interpreted():
+        return f"{kernel_module} was imported before TRITON_INTERPRET=1 was set, so it cannot run on CPU"
+    return None

@@ -12,13 +12,12 @@ once to the dtype).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import cuda_library
-from ..dispatch import kernel_op
+from ..dispatch import kernel_op, triton_device_reason, triton_unavailable
 
 OP_NAME = "vopt::axpy"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,28 +80,13 @@ def axpy_cuda(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
-def _triton_available() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc})"
-    return None
-
 
 def _triton_check(x: torch.Tensor, y: torch.Tensor, alpha: float) -> Optional[str]:
-    if x.device.type != "cpu":
-        return None
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 is not set)"
-    from vopt.kernels import axpy as kernels
-
-    if not kernels.is_interpreted():
-        return "vopt.kernels.axpy was imported before TRITON_INTERPRET=1 was set, so it cannot run on CPU"
-    return None
+    return triton_device_reason(x.device, "vopt.kernels.axpy")
 
 
 @AXPY.register(
-    "triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=_triton_available, check=_triton_check
+    "triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=triton_unavailable, check=_triton_check
 )
 def axpy_triton(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     """Run the Triton kernel (:mod:`vopt.kernels.axpy`)."""

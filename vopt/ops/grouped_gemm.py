@@ -24,13 +24,12 @@ host and clamp the offsets so that malformed ones cannot address memory out of b
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Optional
 
 import torch
 
 from .. import cuda_library
-from ..dispatch import kernel_op
+from ..dispatch import kernel_op, triton_device_reason, triton_unavailable
 
 OP_NAME = "vopt::grouped_gemm"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -145,29 +144,17 @@ def grouped_gemm_cuda(x, w, offsets, bias=None) -> torch.Tensor:
     return out
 
 
-def _triton_available() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc})"
-    return None
-
 
 def _triton_check(x, w, offsets, bias=None) -> Optional[str]:
-    if x.device.type != "cpu":
-        return None
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 is not set)"
-    from vopt.kernels import grouped_gemm as kernels
-
-    if not kernels.is_interpreted():
-        return "vopt.kernels.grouped_gemm was imported before TRITON_INTERPRET=1 was set, so it cannot run on CPU"
+    why = triton_device_reason(x.device, "vopt.kernels.grouped_gemm")
+    if why or x.device.type != "cpu":
+        return why
     if x.dtype == torch.bfloat16:
         return "bf16 tl.dot is broken in the Triton interpreter (specs/environment.md)"
     return None
 
 
-@GROUPED_GEMM.register("triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=_triton_available,
+@GROUPED_GEMM.register("triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=triton_unavailable,
                        check=_triton_check)
 def grouped_gemm_triton(x, w, offsets, bias=None) -> torch.Tensor:
     """The Triton kernel (:mod:`vopt.kernels.grouped_gemm`): one launch over every expert's tiles."""

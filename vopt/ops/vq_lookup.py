@@ -46,13 +46,12 @@ NaN/inf) and near-ties are never certified. Uncertified rows are resolved by ``f
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 
 from .. import cuda_library
-from ..dispatch import kernel_op
+from ..dispatch import kernel_op, triton_device_reason, triton_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -247,29 +246,14 @@ def vq_argmin_cuda(x: torch.Tensor, codebook: torch.Tensor, form: str = "mm", fa
     return finish(x, codebook, best, idx, second, form, fallback)
 
 
-def _triton_available() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc})"
-    return None
-
 
 def _triton_check(x, codebook, form="mm", fallback="batch") -> Optional[str]:
     if codebook.shape[0] >= 2 ** 31:
         return f"K={codebook.shape[0]} codes exceed the kernel's int32 indices"
-    if x.device.type != "cpu":
-        return None
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 is not set)"
-    from vopt.kernels import vq_argmin as kernels
-
-    if not kernels.is_interpreted():
-        return "vopt.kernels.vq_argmin was imported before TRITON_INTERPRET=1 was set, so it cannot run on CPU"
-    return None
+    return triton_device_reason(x.device, "vopt.kernels.vq_argmin")
 
 
-@VQ_ARGMIN.register("triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=_triton_available, check=_triton_check)
+@VQ_ARGMIN.register("triton", devices={"cuda", "cpu"}, dtypes=DTYPES, available=triton_unavailable, check=_triton_check)
 def vq_argmin_triton(x: torch.Tensor, codebook: torch.Tensor, form: str = "mm", fallback: str = "batch") -> tuple:
     """The Triton kernel (:mod:`vopt.kernels.vq_argmin`), then :func:`finish`."""
     from vopt.kernels import vq_argmin as kernels
