@@ -106,6 +106,7 @@ with the reason.
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -125,6 +126,7 @@ _WRAPPED = "_vopt_holitom_wrapped"
 STATS_ATTR = "vopt_holitom_stats"
 LOGITS_LAYOUTS = ("original", "compact")
 POSITION_MODES = ("compact", "original")
+SCORE_MODES = ("attention", "proxy")
 
 
 @register_config
@@ -147,6 +149,10 @@ class HoliTomPassConfig(VoptConfig):
         "merged token its representative's placeholder slot (frame, spatial index), the newline the block's last "
         "slot; gapped, spec R1/R2).")
 
+    scores: str = config_field(
+        "attention", help="Token scores for the dynamic tokens' attention selection: 'attention' (the attention each "
+        "patch receives in the vision layer that produced the features, pooled like the features; spec §1.1) or "
+        "'proxy' (vopt.merging.proxy_scores: feature self-similarity; no vision attention needed).")
     outer: bool = config_field(
         True, help="Run the outer-LLM stage (merge between projector and LLM). False: inner-LLM merging only.")
     inner_layer: Optional[int] = config_field(
@@ -172,6 +178,8 @@ class HoliTomPassConfig(VoptConfig):
             raise ConfigError(f"{name}.inner_queries must be an int >= 1, got {self.inner_queries!r}")
         if not self.outer and self.inner_layer is None:
             raise ConfigError(f"{name}: outer=False and inner_layer=None leave nothing to do")
+        if self.scores not in SCORE_MODES:
+            raise ConfigError(f"{name}.scores={self.scores!r} is invalid; accepted: {', '.join(SCORE_MODES)}")
         if self.positions not in POSITION_MODES:
             raise ConfigError(f"{name}.positions={self.positions!r} is invalid; accepted: {', '.join(POSITION_MODES)}")
         if not isinstance(self.merge, HoliTomConfig):
@@ -264,10 +272,66 @@ def _left_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, -1] != 0).all()) and bool((mask[:, 0] == 0).any())
 
 
+def _received_attention(layer, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """``[BF, P]``: attention each patch receives in SigLIP encoder ``layer`` (input ``x [BF, P, D]``), the
+    softmax probabilities ``softmax(q k^T * scale)`` averaged over heads and query patches (fp32), computed from the
+    layer's own ``layer_norm1`` / ``q_proj`` / ``k_proj`` a few frames at a time (``[chunk, H, P, P]`` at most)."""
+    attn = layer.self_attn
+    out = []
+    for xs in x.split(chunk):
+        h = layer.layer_norm1(xs)
+        split = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2).float()
+        q, k = split(attn.q_proj(h)), split(attn.k_proj(h))
+        out.append(torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=(1, 2)))
+    return torch.cat(out)
+
+
+def video_features_and_scores(model, pixel_values_videos: torch.Tensor, vision_feature_layer=None,
+                              vision_feature_select_strategy=None, want_scores: bool = True) -> tuple:
+    """``(features [B, F*n + 1, D] (newline last), scores [B, F, n] or None)`` for LLaVA-OneVision videos.
+
+    ``features`` are the model's own (its vision tower, ``multi_modal_projector``, ``apply_pooling`` and
+    ``image_newline``: what ``get_video_features`` computes). ``scores`` (spec §1.1): the attention each patch
+    receives in the vision layer that produced the selected features, pooled to the ``n`` tokens per frame with the
+    model's own bilinear 2x pooling. One vision pass serves both. None (then HoliTom uses its feature-only proxy)
+    when not wanted, when several feature layers are selected, or when the selected layer is the embeddings."""
+    inner = model.model
+    cfg = model.config
+    vfl = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None \
+        else vision_feature_select_strategy
+    if not (want_scores and isinstance(vfl, int)):
+        feats = model.get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         return_dict=True).pooler_output
+        return feats, None
+    B, F = pixel_values_videos.shape[:2]
+    flat = pixel_values_videos.reshape(B * F, *pixel_values_videos.shape[2:])
+    hs = inner.vision_tower(flat, output_hidden_states=True, return_dict=True).hidden_states
+    sel = hs[vfl]
+    drop = 1 if strategy == "default" else 0
+    feats = inner.apply_pooling(inner.multi_modal_projector(sel[:, drop:]))
+    n = feats.shape[1]
+    newline = inner.image_newline[None, None, :].expand(B, 1, -1).to(feats.device, feats.dtype)
+    feats = torch.cat([feats.reshape(B, F * n, -1), newline], dim=1)
+    layer_idx = (len(hs) + vfl if vfl < 0 else vfl) - 1    # the encoder layer whose output is hs[vfl]
+    tower = inner.vision_tower
+    encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None or layer_idx < 0 or not hasattr(layers[layer_idx], "self_attn"):
+        return feats, None
+    with torch.no_grad():
+        received = _received_attention(layers[layer_idx], hs[layer_idx])[:, drop:]         # [BF, P]
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        grid = received.view(B * F, 1, side, side)
+        pooled = torch.nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    return feats, pooled.reshape(B, F, n)
+
+
 def merge_video_inputs(model, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor,
                        config: HoliTomConfig, attention_mask: Optional[torch.Tensor] = None,
                        labels: Optional[torch.Tensor] = None, vision_feature_layer=None,
-                       vision_feature_select_strategy=None) -> MergedInputs:
+                       vision_feature_select_strategy=None, score_mode: str = "attention") -> MergedInputs:
     """Shortened ``inputs_embeds`` / ``input_ids`` / ``attention_mask`` (module docstring, steps a-c).
 
     ``model``: a LLaVA-OneVision generation model. Each row must hold exactly one contiguous block of
@@ -278,9 +342,8 @@ def merge_video_inputs(model, input_ids: torch.Tensor, pixel_values_videos: torc
         raise ValueError(f"holitom: pixel_values_videos must be [B={B}, frames, C, H, W], got "
                          f"{tuple(pixel_values_videos.shape)}")
     F = pixel_values_videos.shape[1]
-    feats = model.get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
-                                     vision_feature_select_strategy=vision_feature_select_strategy,
-                                     return_dict=True).pooler_output  # [B, F*n + 1, D], newline last
+    feats, scores = video_features_and_scores(model, pixel_values_videos, vision_feature_layer,
+                                              vision_feature_select_strategy, want_scores=score_mode == "attention")
     embed = model.get_input_embeddings()
     embeds = embed(input_ids)
     feats = feats.to(embeds.device, embeds.dtype)
@@ -299,7 +362,7 @@ def merge_video_inputs(model, input_ids: torch.Tensor, pixel_values_videos: torc
         s, e = int(pos[0]), int(pos[-1]) + 1
         if e - s != total:
             raise ValueError(f"holitom: row {b}'s video placeholders are not contiguous")
-        mr = holitom_merge(feats[b, :F * n].reshape(F, n, -1), config)
+        mr = holitom_merge(feats[b, :F * n].reshape(F, n, -1), config, None if scores is None else scores[b])
         vis = torch.cat([mr.tokens.to(embeds.dtype), feats[b, F * n:]], 0)
         m = vis.shape[0]
         merges.append(mr)
@@ -408,7 +471,8 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
                 "use HoliTomPassConfig(positions='compact') for generation")
         with torch.no_grad():
             mi = merge_video_inputs(self, ids, pv, cfg.merge, kwargs.get("attention_mask"), None,
-                                    kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+                                    kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"),
+                                    cfg.scores)
         for k in ("input_ids", "pixel_values_videos", "image_sizes_videos", "position_ids"):
             kwargs.pop(k, None)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
@@ -441,7 +505,8 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
             stats.passthrough += 1
             return cls_forward(self, **kwargs)
         mi = merge_video_inputs(self, ids, pv, cfg.merge, kwargs.get("attention_mask"), kwargs.get("labels"),
-                                kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"))
+                                kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"),
+                                cfg.scores)
         kwargs.pop("pixel_values_videos")
         kwargs.pop("image_sizes_videos", None)
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)

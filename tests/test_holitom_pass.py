@@ -395,3 +395,45 @@ def test_outer_plus_inner_ragged_batch_equals_single_rows(base):
         assert (single[b] - out.logits[b, pos[b]]).abs().max().item() <= 1e-5
     stats = getattr(opt.module, STATS_ATTR)
     assert stats.inner.visual_after < stats.inner.visual_before <= stats.tokens_after
+
+
+# ---- vision attention scores (spec §1.1) ---------------------------------------------------------------------------
+
+
+def test_scores_are_the_vision_layers_received_attention_pooled_like_the_features(base):
+    """video_features_and_scores: features equal the model's own get_video_features bit for bit; scores equal the
+    eager SigLIP attention probabilities of the selected layer (mean over heads and queries), pooled 4x4 -> 2x2 with
+    the model's bilinear interpolation."""
+    import copy
+    import math
+
+    from vopt.passes.holitom import video_features_and_scores
+
+    inputs = _inputs(base, n=2)
+    pv = inputs["pixel_values_videos"]
+    with torch.no_grad():
+        feats, scores = video_features_and_scores(base, pv)
+        want_feats = base.get_video_features(pv, return_dict=True).pooler_output
+        eager = copy.deepcopy(base)
+        eager.config.vision_config._attn_implementation = "eager"
+        att = eager.model.vision_tower(pv.flatten(0, 1), output_attentions=True, return_dict=True).attentions[-1]
+    assert torch.equal(feats, want_feats)
+    received = att.float().mean(dim=(1, 2))                                   # [B*F, 16 patches]
+    side = base.config.vision_config.image_size // base.config.vision_config.patch_size
+    pooled = torch.nn.functional.interpolate(received.view(-1, 1, side, side), size=[math.ceil(side / 2)] * 2,
+                                             mode="bilinear").reshape(scores.shape)
+    torch.testing.assert_close(scores, pooled, rtol=0, atol=1e-6)           # fp32 softmax of the same logits
+    assert float(scores.std()) > 0                                            # not a constant
+
+
+def test_attention_scores_change_the_choice_vs_the_proxy(base):
+    """tau=1.0 (no temporal merging): every frame's budget is chosen by score, so the scores decide the tokens."""
+    inputs = _inputs(base, n=4)
+    cfg = lambda scores: HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=0.25, tau=1.0), scores=scores)
+    run = lambda c: vopt.optimize(base, OptimizeConfig(pass_configs={"holitom": c}), passes=["holitom"])
+    with torch.no_grad():
+        a = run(cfg("attention"))(**inputs).holitom.merges
+        p = run(cfg("proxy"))(**inputs).holitom.merges
+    assert sum(not torch.equal(x.positions, y.positions) for x, y in zip(a, p)) >= 2
+    with pytest.raises(ConfigError, match="scores"):
+        HoliTomPassConfig(scores="cls")
