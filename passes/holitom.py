@@ -55,8 +55,12 @@ and, in ``'compact'`` layout,
 Identity: with ``retain_ratio=1.0`` (or ``token_budget >= F*n``) ``holitom_merge`` returns the tokens unchanged, the
 rebuilt ``inputs_embeds`` equal the model's own ``masked_scatter`` result, and the logits equal the unmodified model's.
 
-Attention scores: the spec's scores (attention received in the last kept SigLIP layer, §1.1) are **not** computed yet;
-``holitom_merge`` gets ``scores=None`` and uses its feature-only proxy (documented there).
+Attention scores (``scores='attention'``, default; spec §1.1): :func:`video_features_and_scores` runs the vision tower
+once with ``output_hidden_states``, builds the features exactly as ``get_video_features`` does (projector, bilinear
+pooling, newline) and scores each patch by the attention it receives in the layer that produced the selected
+features (recomputed from that layer's ``layer_norm1`` / ``q_proj`` / ``k_proj`` on its input hidden state, averaged
+over heads and query patches), pooled to the ``n`` tokens per frame with the same bilinear 2x pooling. ``'proxy'``
+uses :func:`vopt.merging.proxy_scores` (feature self-similarity) instead.
 
 ``generate``: transformers 5.x's ``generate`` precomputes ``mm_encoder_outputs`` and never hands the forward
 ``pixel_values_videos``, so the ``forward`` wrapper alone would leave generation unmerged (it passes such calls through

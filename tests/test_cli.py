@@ -120,3 +120,119 @@ def test_backend_missing_exit_code():
 def test_validation_failure_exit_code():
     res = cli("build", "llama", "--atol", "-1")
     assert res.returncode == 4 and "FAIL" in res.stdout
+
+
+# ---- engines: build --format, validate, bench, config files ----------------------------------
+
+
+def test_build_engine_validate_and_bench(capsys, tmp_path):
+    out = tmp_path / "llama-pt2"
+    cfg = tmp_path / "c.yaml"
+    # YAML config: OptimizeConfig fields plus a 'cli' section with flags; the command line wins over it.
+    cfg.write_text("passes: [canonicalize_attention, sdpa]\n"
+                   "pass_configs:\n  sdpa: {stages: [model]}\n"
+                   "cli:\n  format: onnx\n  no_progress: true\n")
+    res = cli("build", "llama", "--config", str(cfg), "--format", "pt2", "--sdpa.stages", "root,model", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "engine validation: PASS" in res.stdout and "wrote engine" in res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "vopt-engine" and manifest["engine_format"] == "pt2" and manifest["manifest_version"] == 1
+    assert manifest["config"]["passes"] == ["canonicalize_attention", "sdpa"]
+    assert manifest["config"]["pass_configs"]["sdpa"]["stages"] == ["root", "model"]  # flag over file
+    assert manifest["inputs"][0]["name"] == "input_ids" and manifest["validation"]["passed"] is True
+    assert (out / "model.pt2").is_file() and (out / "report.json").is_file()
+
+    res = cli("validate", str(out))
+    assert res.returncode == 0 and "engine validation: PASS" in res.stdout, res.stderr
+    code, stdout, _ = main_in_process(capsys, "validate", str(out), "--atol", "-1", "--rtol", "0")
+    assert code == 4 and "FAIL" in stdout
+
+    res = cli("bench", str(out), "--reps", "2", "--warmup", "0")
+    assert res.returncode == 0, res.stderr
+    assert "engine (pt2)" in res.stdout and "eager (original model)" in res.stdout and "# device:" in res.stdout
+    bench = json.loads((out / "bench.json").read_text())
+    assert {r["variant"] for r in bench["rows"]} == {"eager (original model)", "eager optimized (vopt)", "engine (pt2)"}
+    assert all(r["ms"] > 0 for r in bench["rows"])
+    assert (out / "bench.png").is_file() or "matplotlib is not installed" in res.stderr
+    code, _, err = main_in_process(capsys, "bench", str(out), "--reps", "1")
+    assert code == 2 and "--force" in err
+
+
+def main_in_process(capsys, *args):
+    """Run vopt-compile in this process (fast: no interpreter start-up); return (exit code, stdout, stderr)."""
+    from vopt.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["build", "llama", "--format", "trt", "--out", "x"], 2, "invalid choice: 'trt'"),
+        (["build", "llama", "--format", "pt2"], 2, "--format needs --out DIR"),
+        (["validate", "/nonexistent/engine"], 2, "engine directory '/nonexistent/engine' does not exist"),
+        (["validate", "/"], 2, "has no manifest.json; it is not a vopt engine directory"),
+        (["bench", "/nonexistent/engine"], 2, "does not exist"),
+    ],
+)
+def test_engine_usage_errors(capsys, args, code, text):
+    got, out, err = main_in_process(capsys, *args)
+    assert got == code, (out, err)
+    assert text in err
+
+
+def test_engine_config_file_errors(capsys, tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("passes: [sdpa\n")
+    code, _, err = main_in_process(capsys, "build", "llama", "--config", str(bad_yaml))
+    assert code == 2 and "not valid YAML" in err
+    bad_cli = tmp_path / "cli.json"
+    bad_cli.write_text(json.dumps({"cli": {"format": "trt", "out": str(tmp_path / "o")}}))
+    code, _, err = main_in_process(capsys, "build", "llama", "--config", str(bad_cli))
+    assert code == 2 and "unsupported engine format 'trt'; accepted: pt2, aoti, onnx" in err
+    unknown = tmp_path / "u.json"
+    unknown.write_text(json.dumps({"cli": {"fromat": "pt2"}}))
+    code, _, err = main_in_process(capsys, "build", "llama", "--config", str(unknown))
+    assert code == 2 and "'cli' key 'fromat' is not a flag of this command" in err
+    not_mapping = tmp_path / "list.yml"
+    not_mapping.write_text("- sdpa\n")
+    code, _, err = main_in_process(capsys, "build", "llama", "--config", str(not_mapping))
+    assert code == 2 and "must hold a mapping" in err
+
+
+def test_engine_manifest_version_mismatch(capsys, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "vopt-engine", "manifest_version": 0}))
+    code, _, err = main_in_process(capsys, "validate", str(tmp_path))
+    assert code == 2 and "manifest_version 0; this vopt reads version 1 only" in err
+
+
+def test_build_engine_unsupported_glue_exit_code(tmp_path):
+    (tmp_path / "ddmodel.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(s):\n"
+        "        super().__init__(); s.lin = torch.nn.Linear(4, 4)\n"
+        "    def forward(s, x):\n"
+        "        return s.lin(x) if x.sum() > 0 else -s.lin(x)\n"
+        "def make():\n"
+        "    return M().eval(), (torch.ones(2, 4),)\n"
+    )
+    res = subprocess.run([sys.executable, "-m", "vopt.cli", "build", "ddmodel:make", "--format", "onnx", "--out",
+                          str(tmp_path / "e"), "--no-progress"], capture_output=True, text=True, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=300)
+    assert res.returncode == 6, res.stderr
+    assert "model 'ddmodel:make': its Python glue between stages cannot be exported" in res.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_help_lists_engine_commands_and_pass_flags(capsys):
+    code, out, _ = main_in_process(capsys, "--help")
+    assert code == 0 and "validate" in out and "bench" in out
+    code, out, _ = main_in_process(capsys, "build", "--help")
+    assert "--format {pt2,aoti,onnx}" in out and "--sageattention2.precision" in out
+    assert "6 engine unsupported" in out

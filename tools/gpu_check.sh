@@ -16,14 +16,19 @@
 #   pytest-gpu   python -m pytest -m gpu -q tests
 #   bench        tools/bench_kernels.py --out OUT_DIR/bench_kernels.json
 #   bench-attn   tools/bench_attention.py --out OUT_DIR/bench_attention.json (SDPA vs vopt
-#                Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first;
-#                stops starting cases ~30 s before its limit and keeps ~40 s for vopt-env)
+#                Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first; at most 120 s,
+#                stops starting cases ~30 s before its limit and keeps ~235 s for the steps after it)
 #   bench-kv     tools/bench_kvcache.py --out OUT_DIR/bench_kvcache.json (KV-cache bytes per setting; decode
 #                latency per token vs context 1K..32K: fp16 SDPA vs packed KIVI-2 / VidKV torch reference,
 #                dequantize+SDPA and the Triton kernel; ~60 s, stops starting contexts after ~35 s)
 #   bench-ccam   tools/bench_ccam.py --out OUT_DIR/bench_ccam.json (Video-CCAM projector cross-attention,
 #                Q 1024, T 16/32 x 729 tokens: dense masked SDPA vs FlexAttention vs vopt Triton block-sparse;
 #                ~45 s, compiled Flex and T 8 left out, stops starting frame counts after ~25 s)
+#   bench-e2e    tools/bench_e2e.py --gpu --out OUT_DIR/bench_e2e (end to end, bf16, random-weight medium shapes:
+#                LLaVA-OV with a Qwen2-0.5B-like LLM, Llama 0.5B-like; eager vs every pass alone and all together:
+#                TTFT, decode tok/s, peak memory, KV bytes, visual tokens, FLOPs, output fidelity; ~75 s here with
+#                torch.compile left out and no new model started after 40 s; the whole --gpu profile alone, compile
+#                included, is ~4 min)
 #   vopt-env     python -m vopt.cli env (versions, GPU, backend availability)
 # The whole run stays under 8 minutes; a summary table (step, status, seconds)
 # comes last. Exits non-zero if any non-optional step failed.
@@ -115,8 +120,8 @@ run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --junitxml="$OUT/pyte
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'
 
 # ---- 6. attention benchmark (trimmed sizes; the full 1K..32K sweep is tools/bench_attention.py alone) ----
-ATTN_LIMIT=$((DEADLINE - $(date +%s) - 145))  # leave time for bench-kv (60 s), bench-ccam (45 s) and vopt-env (40 s)
-if ((ATTN_LIMIT > 150)); then ATTN_LIMIT=150; fi
+ATTN_LIMIT=$((DEADLINE - $(date +%s) - 235))  # leave time for bench-kv (60 s), bench-ccam (45 s), bench-e2e (90 s), vopt-env (40 s)
+if ((ATTN_LIMIT > 120)); then ATTN_LIMIT=120; fi
 export ATTN_MAX_S=$((ATTN_LIMIT > 60 ? ATTN_LIMIT - 30 : ATTN_LIMIT / 2))
 run_step bench-attn "$ATTN_LIMIT" 0 '"$PY" tools/bench_attention.py --head-dims 128,64 --seqs 1k,2k,4k,8k,16k --max-seconds "$ATTN_MAX_S" --out "$OUT/bench_attention.json" --force'
 
@@ -126,7 +131,10 @@ run_step bench-kv 60 0 '"$PY" tools/bench_kvcache.py --contexts 1k,2k,4k,8k,16k,
 # ---- 8. CCAM block-sparse cross-attention benchmark (trimmed; the full T 8/16/32 sweep is tools/bench_ccam.py alone) ----
 run_step bench-ccam 45 0 '"$PY" tools/bench_ccam.py --frames 16,32 --no-compile --reps 20 --target-ms 150 --max-seconds 25 --out "$OUT/bench_ccam.json" --force'
 
-# ---- 9. vopt environment report ----
+# ---- 9. end-to-end benchmark (trimmed --gpu profile: no torch.compile, no new model after 40 s) ----
+run_step bench-e2e 90 0 '"$PY" tools/bench_e2e.py --gpu --compile-models none --max-seconds 40 --no-progress --out "$OUT/bench_e2e" --force'
+
+# ---- 10. vopt environment report ----
 run_step vopt-env 60 0 '"$PY" -m vopt.cli env'
 
 # ---- summary ----

@@ -14,6 +14,9 @@ from .errors import (
     CaptureError,
     ConfigError,
     CudaLibraryError,
+    EngineError,
+    EngineInputError,
+    ManifestError,
     PassOrderError,
     StrictModeError,
     UnknownNameError,
@@ -26,9 +29,21 @@ from .report import Report
 
 __version__ = "0.1.0"
 
+
+def load_engine(path, device=None):
+    """Load an engine directory written by ``vopt-compile build --format pt2|aoti|onnx`` (see :mod:`vopt.engine.load`).
+
+    Returns a callable ``engine(**inputs) -> {output name: tensor}`` that runs the whole model, stage glue
+    included, without the model's Python code. Imported lazily: ``import vopt`` stays light.
+    """
+    from .engine.load import load_engine as _load_engine
+
+    return _load_engine(path, device)
+
+
 __all__ = [
     "Backend", "BackendPreference", "BackendUnavailableError", "CaptureConfig", "CaptureError", "ConfigError",
-    "CudaLibraryError", "Match", "OptimizeConfig", "OptimizedModel", "Pass", "PassContext", "PassKind",
+    "CudaLibraryError", "EngineError", "EngineInputError", "ManifestError", "Match", "OptimizeConfig", "OptimizedModel", "Pass", "PassContext", "PassKind",
     "PassManager", "PassOrderError", "PassResult", "Report", "StrictModeError", "UnknownNameError", "VoptConfig",
-    "VoptError", "config_from_dict", "optimize", "register_pass", "registered_passes",
+    "VoptError", "config_from_dict", "load_engine", "optimize", "register_pass", "registered_passes",
 ]

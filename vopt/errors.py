@@ -65,3 +65,19 @@ class BackendUnavailableError(VoptError, RuntimeError):
 
 class CudaLibraryError(VoptError, RuntimeError):
     """The vopt CUDA library is missing, failed to load, or a launcher returned an error."""
+
+
+class EngineError(VoptError, RuntimeError):
+    """An engine (``vopt-compile build --format``) cannot be built, loaded or run.
+
+    Raised e.g. when a model's glue cannot be traced into one program, an op has
+    no faithful lowering for the requested format, or the engine's files are missing.
+    """
+
+
+class ManifestError(EngineError):
+    """An engine's ``manifest.json`` is missing, unreadable, or of another manifest version."""
+
+
+class EngineInputError(EngineError, ValueError):
+    """Inputs given to a loaded engine do not match its recorded input specs (names, dtypes, shapes)."""
