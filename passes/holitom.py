@@ -60,7 +60,9 @@ once with ``output_hidden_states``, builds the features exactly as ``get_video_f
 pooling, newline) and scores each patch by the attention it receives in the layer that produced the selected
 features (recomputed from that layer's ``layer_norm1`` / ``q_proj`` / ``k_proj`` on its input hidden state, averaged
 over heads and query patches), pooled to the ``n`` tokens per frame with the same bilinear 2x pooling. ``'proxy'``
-uses :func:`vopt.merging.proxy_scores` (feature self-similarity) instead.
+uses :func:`vopt.merging.proxy_scores` (feature self-similarity) instead. Measured (256 test clips, baseline 0.930):
+the two agree to within 0.01 in most settings; at retain 0.25, tau 1.0, original positions attention scores give
+agreement 0.879 / delta -0.059 vs the proxy's 0.836 / -0.098; at retain 0.5 the proxy is ahead by <= 0.02.
 
 ``generate``: transformers 5.x's ``generate`` precomputes ``mm_encoder_outputs`` and never hands the forward
 ``pixel_values_videos``, so the ``forward`` wrapper alone would leave generation unmerged (it passes such calls through
