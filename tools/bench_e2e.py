@@ -431,16 +431,9 @@ def cache_bytes(cache) -> tuple:
     """(bytes, kind) of a generate() cache."""
     if cache is None:
         return None, "no cache returned"
-    account = getattr(cache, "account", None)
-    if callable(account):
-        return int(account().total_bytes), type(cache).__name__
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for attr in ("keys", "values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total, type(cache).__name__
+    from vopt.kvcache import cache_stored_bytes
+
+    return cache_stored_bytes(cache), type(cache).__name__
 
 
 def generate(model, inputs: dict, new_tokens: int, extra: dict):

@@ -95,29 +95,17 @@ def make_cache(setting: str, model, input_ids: torch.Tensor, residual: int, grou
     return VidKVCache(model.config, vidkv=cfg, residual_length=residual, protected=protected, flush=flush)
 
 
-def _stored_bytes(obj) -> int:
-    """Bytes of the plain tensors inside ``obj`` (tensor subclasses such as quanto's packed tensors are unpacked
-    through ``__tensor_flatten__`` down to the tensors that actually hold memory; tuples/lists walked)."""
-    if isinstance(obj, (list, tuple)):
-        return sum(_stored_bytes(x) for x in obj)
-    if not isinstance(obj, torch.Tensor):
-        return 0
-    if type(obj) in (torch.Tensor, torch.nn.Parameter) or not hasattr(obj, "__tensor_flatten__"):
-        return obj.numel() * obj.element_size()
-    names, _ = obj.__tensor_flatten__()
-    return sum(_stored_bytes(getattr(obj, n)) for n in names)
-
-
 def stored_bits(cache, text_config) -> Optional[float]:
     """Stored bits per K/V element: vopt caches via ``account``; others from the bytes of their tensors."""
+    from vopt.kvcache import cache_stored_bytes
+
     if hasattr(cache, "account"):
         return cache.account().bits_per_element
-    total = sum(_stored_bytes(list(vars(layer).values())) for layer in cache.layers)
     tokens = max(int(layer.get_seq_length()) for layer in cache.layers)
     heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     elements = 2 * len(cache.layers) * heads * head_dim * tokens
-    return 8.0 * total / elements if elements else None
+    return 8.0 * cache_stored_bytes(cache) / elements if elements else None
 
 
 def generate(model, inputs: dict, cache, n: int) -> torch.Tensor:

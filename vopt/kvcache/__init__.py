@@ -15,7 +15,7 @@ Spec: ``shared/specs/kvcache.md``. Importing it loads torch and nothing heavier.
 * :mod:`.cache`: :class:`VidKVCache` / :class:`VidKVLayer`, the transformers cache (imports transformers; loaded lazily
   on first access of those names).
 """
-from .accounting import CATEGORIES, KVAccount, account
+from .accounting import CATEGORIES, KVAccount, account, cache_stored_bytes
 from .decode_attention import packed_decode_attention
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 from .quantizers import (
@@ -46,7 +46,7 @@ from .salience import (
 
 __all__ = [
     "CATEGORIES", "ChannelSplit", "KVAccount", "KVQuantMode", "MetadataDtype", "PackedCodes", "PackedKeys",
-    "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "dequantize_keys",
+    "PackedValues", "TritPacking", "ValueAxis", "ValueCodec", "VidKVConfig", "account", "cache_stored_bytes", "dequantize_keys",
     "dequantize_values", "kivi_config", "pack_bits", "packed_decode_attention", "pack_trits", "quantize_keys", "quantize_values", "unpack_bits",
     "unpack_trits", "VidKVCache", "VidKVLayer", "SALIENCE_METHODS", "by_last_token_attention", "by_random",
     "by_text_similarity", "salient_visual_tokens", "top_fraction",

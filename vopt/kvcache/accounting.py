@@ -16,7 +16,7 @@ import torch
 
 from .quantizers import PackedKeys, PackedValues
 
-__all__ = ["KVAccount", "account", "CATEGORIES"]
+__all__ = ["KVAccount", "account", "CATEGORIES", "cache_stored_bytes"]
 
 #: Byte categories, in table order.
 CATEGORIES = ("codes", "scales", "indices", "full_precision", "unquantized")
@@ -120,3 +120,25 @@ def account(
         acc.unquantized += _tensor_bytes(t)
         acc.elements += t.numel()
     return acc
+
+
+def _stored_bytes(obj) -> int:
+    """Bytes of the plain tensors inside ``obj``: tensor subclasses (e.g. optimum-quanto's packed tensors) are
+    unpacked through ``__tensor_flatten__`` down to the tensors that hold memory; lists and tuples are walked."""
+    if isinstance(obj, (list, tuple)):
+        return sum(_stored_bytes(x) for x in obj)
+    if not isinstance(obj, torch.Tensor):
+        return 0
+    if type(obj) in (torch.Tensor, torch.nn.Parameter) or not hasattr(obj, "__tensor_flatten__"):
+        return obj.numel() * obj.element_size()
+    names, _ = obj.__tensor_flatten__()
+    return sum(_stored_bytes(getattr(obj, n)) for n in names)
+
+
+def cache_stored_bytes(cache) -> int:
+    """Stored bytes of any transformers ``Cache``: ``cache.account()`` for vopt's caches, else the bytes of every
+    tensor its layers hold (``DynamicCache`` K/V, ``QuantizedCache``'s codes, scales and residual tensors)."""
+    account_fn = getattr(cache, "account", None)
+    if callable(account_fn):
+        return int(account_fn().total_bytes)
+    return sum(_stored_bytes(list(vars(layer).values())) for layer in getattr(cache, "layers", []))
