@@ -17,7 +17,7 @@
 #   bench        tools/bench_kernels.py --out OUT_DIR/bench_kernels.json
 #   bench-attn   tools/bench_attention.py --out OUT_DIR/bench_attention.json (SDPA vs vopt
 #                Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first; at most 120 s,
-#                stops starting cases ~30 s before its limit and keeps ~235 s for the steps after it)
+#                stops starting cases ~30 s before its limit and keeps ~315 s for the steps after it)
 #   bench-kv     tools/bench_kvcache.py --out OUT_DIR/bench_kvcache.json (KV-cache bytes per setting; decode
 #                latency per token vs context 1K..32K: fp16 SDPA vs packed KIVI-2 / VidKV torch reference,
 #                dequantize+SDPA and the Triton kernel; ~60 s, stops starting contexts after ~35 s)
@@ -29,6 +29,10 @@
 #                TTFT, decode tok/s, peak memory, KV bytes, visual tokens, FLOPs, output fidelity; ~75 s here with
 #                torch.compile left out and no new model started after 40 s; the whole --gpu profile alone, compile
 #                included, is ~4 min)
+#   bench-moe    tools/bench_moe.py --out OUT_DIR/bench_moe.json (sorted-by-expert dispatch + grouped GEMM vs the
+#                model's own dense loop: MoE-VRD shapes and a generic 8-64-expert top-2 block; ~40 s)
+#   bench-vq     tools/bench_vq.py --out OUT_DIR/bench_vq.json (fused nearest-code argmin vs the unfused distance
+#                expression, tokens x codebook x dim of E-ViLM-like sizes; ~40 s)
 #   vopt-env     python -m vopt.cli env (versions, GPU, backend availability)
 # The whole run stays under 8 minutes; a summary table (step, status, seconds)
 # comes last. Exits non-zero if any non-optional step failed.
@@ -120,7 +124,7 @@ run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --junitxml="$OUT/pyte
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'
 
 # ---- 6. attention benchmark (trimmed sizes; the full 1K..32K sweep is tools/bench_attention.py alone) ----
-ATTN_LIMIT=$((DEADLINE - $(date +%s) - 235))  # leave time for bench-kv (60 s), bench-ccam (45 s), bench-e2e (90 s), vopt-env (40 s)
+ATTN_LIMIT=$((DEADLINE - $(date +%s) - 315))  # leave time for bench-kv (60 s), bench-ccam (45 s), bench-e2e (90 s), bench-moe/-vq (2 x 40 s), vopt-env (40 s)
 if ((ATTN_LIMIT > 120)); then ATTN_LIMIT=120; fi
 export ATTN_MAX_S=$((ATTN_LIMIT > 60 ? ATTN_LIMIT - 30 : ATTN_LIMIT / 2))
 run_step bench-attn "$ATTN_LIMIT" 0 '"$PY" tools/bench_attention.py --head-dims 128,64 --seqs 1k,2k,4k,8k,16k --max-seconds "$ATTN_MAX_S" --out "$OUT/bench_attention.json" --force'
@@ -134,7 +138,11 @@ run_step bench-ccam 45 0 '"$PY" tools/bench_ccam.py --frames 16,32 --no-compile 
 # ---- 9. end-to-end benchmark (trimmed --gpu profile: no torch.compile, no new model after 40 s) ----
 run_step bench-e2e 90 0 '"$PY" tools/bench_e2e.py --gpu --compile-models none --max-seconds 40 --no-progress --out "$OUT/bench_e2e" --force'
 
-# ---- 10. vopt environment report ----
+# ---- 10. MoE dispatch and VQ lookup benchmarks (trimmed; each stops starting cases after ~25 s) ----
+run_step bench-moe 40 0 '"$PY" tools/bench_moe.py --max-seconds 25 --out "$OUT/bench_moe.json" --force'
+run_step bench-vq 40 0 '"$PY" tools/bench_vq.py --sizes 1568x8192x256,8192x16384x256,1568x16384x1024 --reps 10 --max-seconds 25 --out "$OUT/bench_vq.json" --force'
+
+# ---- 11. vopt environment report ----
 run_step vopt-env 60 0 '"$PY" -m vopt.cli env'
 
 # ---- summary ----
