@@ -52,6 +52,7 @@ setup(
         "numpy>=1.26",
         "transformers>=5.17,<6",
         "onnx>=1.17",
+        "onnxscript>=0.5",  # torch.onnx (dynamo exporter) and vopt.engine's ONNX lowerings
         "nvidia-cutlass>=4.2",
     ],
     extras_require={
