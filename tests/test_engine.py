@@ -431,3 +431,33 @@ def test_zoo_matrix(name, fmt, tmp_path):
     assert manifest["validation"]["passed"], json.dumps(manifest["validation"], indent=1)
     outs = _fresh_process_run(tmp_path / f"{name}-{fmt}", inputs, tmp_path)
     _check_against_eager(opt, manifest, outs, inputs)
+
+
+def test_onnx_grouped_gemm_empty_experts_bias_and_dropped_rows(tmp_path):
+    from vopt.ops.grouped_gemm import reference
+
+    g = torch.Generator().manual_seed(11)
+    x, w, bias = torch.randn(9, 6, generator=g), torch.randn(4, 6, 5, generator=g), torch.randn(4, 5, generator=g)
+    offsets = torch.tensor([1, 1, 4, 4, 8])          # row 0 and row 8 outside; experts 0 and 2 empty
+    got, _ = _onnx_run(lambda x, w, b: torch.ops.vopt.grouped_gemm(x, w, offsets, b), (x, w, bias), tmp_path, "gg")
+    want = reference(x, w, offsets, bias)
+    assert (got[0] == 0).all() and (got[8] == 0).all()
+    assert (got - want).abs().max().item() <= OP_ATOL * 10  # fp32 dot products of length 6: summation order only
+
+
+@pytest.mark.parametrize("form", ["mm", "diff", "cdist"])
+def test_onnx_vq_argmin_codes_and_distances(tmp_path, form):
+    from vopt.engine import onnx_export
+    from vopt.ops.vq_lookup import reference
+
+    g = torch.Generator().manual_seed(12)
+    codebook = torch.randn(40, 8, generator=g)
+    codebook[7] = codebook[3]                       # duplicate code: the first index must win
+    x = torch.cat([codebook[[3, 20]], torch.randn(30, 8, generator=g)])
+    ep = torch.export.export(_Call(lambda x, c: torch.ops.vopt.vq_argmin(x, c, form)), (x, codebook), strict=False)
+    path = tmp_path / f"vq_{form}.onnx"
+    onnx_export.export(ep, path, ["x", "c"], ["codes", "dist"])
+    codes, dist = onnx_export.load(path, "cpu")(x, codebook)
+    want_codes, want_dist = reference(x, codebook, form)
+    assert torch.equal(codes, want_codes) and int(codes[0]) == 3
+    assert (dist - want_dist).abs().max().item() <= 1e-4 * (1 + want_dist.abs().max().item())

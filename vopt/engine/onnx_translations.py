@@ -17,6 +17,15 @@
   numbers beyond the op's reference (FP8 rounding of P and V alone moves rel-L1 by
   ~0.035), so an ONNX engine would not compute what the optimized model computes.
   Build pt2 or aoti for SageAttention2 models.
+* ``vopt::grouped_gemm`` (exact) -> each row's expert from the offsets (``ReduceSum(offsets[1:] <= row)``), its
+  weight matrix gathered (``Gather(w, expert)``: ``[M, K, N]``, the memory a grouped GEMM avoids), a batched
+  ``MatMul`` in fp32, the bias gathered the same way, rows outside ``offsets[0]:offsets[E]`` zeroed. ONNX has no
+  grouped GEMM: same numbers, none of the speed.
+* ``vopt::vq_argmin`` -> the op's reference expression for its ``form`` (``mm``: ``ReduceSum(x*x) - 2 x c^T +
+  ReduceSum(c*c)``; ``diff``; ``cdist``: ``Sqrt`` of the clamped ``mm`` form) in fp32, then ``ArgMin`` (first
+  index on ties) and the minimum. The ``[N, K]`` distances are built (no fused argmin in ONNX). Codes equal the
+  reference's except on rows whose two best distances lie within fp32 rounding of each other (onnxruntime sums in
+  another order); the engine's validation compares the codes exactly on its stored inputs.
 * ``aten._is_all_true`` (from transformers' placeholder checks in VLM glue) ->
   ``Cast(ReduceMin(Cast(x, int32)), bool)``.
 """
@@ -126,6 +135,54 @@ def _block_sparse_translation():
     return block_sparse_attention
 
 
+def _grouped_gemm_translation():
+    from onnxscript import opset23 as op
+
+    def grouped_gemm(x, w, offsets, bias=None):
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        m = op.Squeeze(op.Shape(x, start=0, end=1))
+        rows = op.Range(zero, m, one)                                                    # [M]
+        ends = op.Slice(offsets, op.Constant(value_ints=[1]), op.Constant(value_ints=[2 ** 62]))  # offsets[1:]
+        before = op.LessOrEqual(op.Unsqueeze(ends, [0]), op.Unsqueeze(rows, [-1]))      # [M, E]: segment ended
+        experts = op.Shape(w, start=0, end=1)
+        expert = op.Min(op.ReduceSum(op.Cast(before, to=_INT64), [1], keepdims=0), op.Sub(experts, one))
+        first = op.Gather(offsets, zero, axis=0)
+        last = op.Gather(offsets, op.Squeeze(experts), axis=0)
+        inside = op.And(op.GreaterOrEqual(rows, first), op.Less(rows, last))            # [M]
+        w_rows = op.Cast(op.Gather(w, expert, axis=0), to=_FLOAT)                       # [M, K, N]
+        out = op.Squeeze(op.MatMul(op.Unsqueeze(op.Cast(x, to=_FLOAT), [1]), w_rows), [1])
+        if bias is not None:
+            out = op.Add(out, op.Cast(op.Gather(bias, expert, axis=0), to=_FLOAT))
+        out = op.Where(op.Unsqueeze(inside, [-1]), out, op.Constant(value_float=0.0))
+        return op.CastLike(out, x)
+
+    return grouped_gemm
+
+
+def _vq_argmin_translation():
+    from onnxscript import opset23 as op
+
+    def vq_argmin(x, codebook, form: str = "mm", fallback: str = "batch"):
+        xf, cf = op.Cast(x, to=_FLOAT), op.Cast(codebook, to=_FLOAT)
+        if form == "diff":
+            diff = op.Sub(op.Unsqueeze(xf, [1]), op.Unsqueeze(cf, [0]))
+            dist = op.ReduceSum(op.Mul(diff, diff), [-1], keepdims=0)
+        else:
+            xx = op.ReduceSum(op.Mul(xf, xf), [-1], keepdims=1)                          # [N, 1]
+            cc = op.Unsqueeze(op.ReduceSum(op.Mul(cf, cf), [-1], keepdims=0), [0])       # [1, K]
+            xc = op.MatMul(xf, op.Transpose(cf, perm=[1, 0]))
+            dist = op.Add(op.Sub(xx, op.Mul(xc, op.Constant(value_float=2.0))), cc)
+            if form == "cdist":
+                dist = op.Sqrt(op.Max(dist, op.Constant(value_float=0.0)))
+        codes = op.ArgMin(dist, axis=1, keepdims=0, select_last_index=0)
+        best = op.ReduceMin(dist, [1], keepdims=0)
+        if form == "cdist":
+            best = op.Mul(best, best)
+        return codes, best
+
+    return vq_argmin
+
+
 def _is_all_true_translation():
     from onnxscript import opset18 as op
 
@@ -140,6 +197,8 @@ def register_all() -> None:
     register_onnx_translation("vopt::attention", _attention_translation)
     register_onnx_translation("vopt::block_sparse_attention", _block_sparse_translation)
     register_onnx_translation("aten::_is_all_true", _is_all_true_translation)
+    register_onnx_translation("vopt::grouped_gemm", _grouped_gemm_translation)
+    register_onnx_translation("vopt::vq_argmin", _vq_argmin_translation)
     refuse_onnx("vopt::sage_attention",
                 "its SageAttention2 numerics (per-block INT8 Q/K with K smoothing, FP8 e4m3 P and V) have no faithful "
                 "standard-ONNX lowering (FP8 rounding of the softmax probabilities inside the graph); an exact or "
