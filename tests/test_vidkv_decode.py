@@ -281,3 +281,66 @@ def test_decode_kernel_compiles(layout, arch):
     if layout == "vidkv":
         assert "ld.global.b8" in ptx     # base-3 trit bytes
     assert not re.search(r"cvt[\w.]*e[45]m[23]", ptx) and "e4m3" not in ptx and "e5m2" not in ptx
+
+
+# ------------------------------------------------------------------ joined append-only blocks (the cache's GPU path)
+@pytest.mark.parametrize("mode", ["kivi", "recommended", "reference", "rec_value_token", "rec_trit_2bit"])
+def test_concat_blocks_is_exact_and_feeds_the_one_block_kernel(mode):
+    """Blocks quantized separately with a frozen channel split (as VidKVLayer does), joined by concat_blocks:
+    the joined container dequantizes to exactly the blocks' concatenation, and the Triton kernel over it equals the
+    torch reference over the list of blocks (interpreter on CPU)."""
+    from vopt.kvcache import VidKVCache  # noqa: F401  (the cache module, where blocks are made)
+    from vopt.kvcache.cache import VidKVLayer
+    from vopt.kvcache.quantizers import concat_blocks
+
+    cfg = kivi_config(group_size=16) if mode == "kivi" else CFGS[mode]()
+    g = _gen(21)
+    layer = VidKVLayer(cfg, residual_length=4)
+    B, H, D = 1, 2, 64
+    layer.update(torch.randn(B, H, 3 * layer.block_size + 5, D, generator=g),
+                 torch.randn(B, H, 3 * layer.block_size + 5, D, generator=g))
+    for _ in range(layer.block_size):                 # decode steps append one more block
+        layer.update(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
+    pks, pvs = [b[0] for b in layer.blocks], [b[1] for b in layer.blocks]
+    assert len(pks) >= 2
+    pk, pv = concat_blocks(pks, pvs)
+    assert torch.equal(dequantize_keys(pk), torch.cat([dequantize_keys(p) for p in pks], 2))
+    assert torch.equal(dequantize_values(pv), torch.cat([dequantize_values(p) for p in pvs], 2))
+    assert layer.merged_blocks()[0] is layer.merged_blocks()[0]          # joined once, then cached
+    q = torch.randn(B, 2 * H, 1, D, generator=g)
+    ref = packed_decode_attention(q, pks, pvs, layer.keys, layer.values, enable_gqa=True)
+    out = vd.packed_decode_attention_triton(q, pk, pv, layer.keys, layer.values, enable_gqa=True)
+    _close(out.float(), ref.float())
+
+
+def test_concat_blocks_refuses_mismatched_blocks():
+    from vopt.kvcache.quantizers import concat_blocks
+
+    cfg = VidKVConfig(key_group_size=8, value_group_size=8)
+    k1, k2 = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8) * 5
+    k2[..., 0] *= 100                                    # a different channel split
+    a, b = quantize_keys(k1, cfg), quantize_keys(k2, cfg)
+    v = quantize_values(torch.randn(1, 1, 16, 8), cfg)
+    with pytest.raises(ValueError, match="channel split"):
+        concat_blocks([a, b], [v, v])
+    with pytest.raises(ValueError, match="as many key blocks"):
+        concat_blocks([a], [v, v])
+
+
+@pytest.mark.gpu
+def test_fused_decode_uses_the_triton_kernel_on_gpu():
+    """On CUDA, VidKVLayer.decode_attention (no mask) runs the Triton kernel over the joined blocks: equal to the
+    torch reference over the block list. NOT run by vopt yet (no GPU here)."""
+    from vopt.kvcache.cache import VidKVLayer
+
+    g = _gen(22)
+    layer = VidKVLayer(VidKVConfig(), residual_length=32, fused_decode=True)
+    layer.update(torch.randn(1, 4, 300, 128, generator=g).cuda().half(),
+                 torch.randn(1, 4, 300, 128, generator=g).cuda().half())
+    for _ in range(40):
+        layer.update(torch.randn(1, 4, 1, 128, generator=g).cuda().half(),
+                     torch.randn(1, 4, 1, 128, generator=g).cuda().half())
+    q = torch.randn(1, 28, 1, 128, generator=g).cuda().half()
+    ref = packed_decode_attention(q, [b[0] for b in layer.blocks], [b[1] for b in layer.blocks], layer.keys,
+                                  layer.values, enable_gqa=True)
+    _close(layer.decode_attention(q).float(), ref.float())

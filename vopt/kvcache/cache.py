@@ -38,6 +38,7 @@ the recommended policy above.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Optional, Sequence, Union
 
@@ -53,6 +54,7 @@ from .quantizers import (
     PackedValues,
     ValueAxis,
     VidKVConfig,
+    concat_blocks,
     _gather_channels,
     _group_tokens,
     _pack,
@@ -64,6 +66,8 @@ from .quantizers import (
     quantize_keys,
     quantize_values,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VidKVLayer", "VidKVCache", "FLUSH_POLICIES"]
 
@@ -161,6 +165,7 @@ class VidKVLayer(DynamicLayer):
         self._split_frozen = False
         self.protected_pos: Optional[torch.Tensor] = None  # int64 [P] sequence positions
         self.protected_keys = self.protected_values = None  # [B, H, P, D], input dtype
+        self._merged = None  # (the block objects joined, PackedKeys, PackedValues): merged_blocks()' cache
         self.prefill_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -314,9 +319,42 @@ class VidKVLayer(DynamicLayer):
                 attn_mask = attn_mask.index_select(-1, order)
         pks = [pk for pk, _ in self.blocks]
         pvs = [pv for _, pv in self.blocks]
-        return packed_decode_attention(query, pks or None, pvs or None, window_k if window_k.shape[2] else None,
-                                       window_v if window_v.shape[2] else None, scale=scale,
-                                       enable_gqa=query.shape[1] != window_k.shape[1], attn_mask=attn_mask)
+        wk = window_k if window_k.shape[2] else None
+        wv = window_v if window_v.shape[2] else None
+        gqa = query.shape[1] != window_k.shape[1]
+        if query.is_cuda and pks and attn_mask is None:
+            out = self._triton_decode(query, wk, wv, scale, gqa)
+            if out is not None:
+                return out
+        return packed_decode_attention(query, pks or None, pvs or None, wk, wv, scale=scale, enable_gqa=gqa,
+                                       attn_mask=attn_mask)
+
+    def merged_blocks(self) -> tuple:
+        """``(PackedKeys, PackedValues)``: the append-only blocks joined into one container each
+        (:func:`~vopt.kvcache.quantizers.concat_blocks`), re-joined only when a block was added since the last call
+        (once every ``block_size`` tokens, not every step; any rewrite of the blocks, e.g. a beam reorder or the
+        re-quantizing flush, makes new block objects and so a new join)."""
+        current = tuple(pk for pk, _ in self.blocks)  # held by the cache entry, so identity comparison is safe
+        cached = self._merged
+        if cached is None or len(cached[0]) != len(current) or any(a is not b for a, b in zip(cached[0], current)):
+            pk, pv = concat_blocks([pk for pk, _ in self.blocks], [pv for _, pv in self.blocks])
+            self._merged = cached = (current, pk, pv)
+        return cached[1], cached[2]
+
+    def _triton_decode(self, query, window_k, window_v, scale, gqa) -> Optional[torch.Tensor]:
+        """The fused Triton kernel over :meth:`merged_blocks` + window (CUDA, no mask), or None with the reason
+        logged once."""
+        try:
+            from vopt.kernels import vidkv_decode as kd
+        except ImportError as exc:  # pragma: no cover - triton missing
+            _log_once(f"vidkv fused decode: Triton unavailable ({exc}); torch reference used")
+            return None
+        pk, pv = self.merged_blocks()
+        why = kd.unsupported_reason(query, pk, pv, window_k, window_v, gqa)
+        if why is not None:
+            _log_once(f"vidkv fused decode: Triton kernel refused ({why}); torch reference used")
+            return None
+        return kd.packed_decode_attention_triton(query, pk, pv, window_k, window_v, scale, gqa)
 
     def full_kv(self):
         """The cached K/V ``[B, H, T, D]`` in sequence order: dequantized blocks, window, protected tokens in place."""
@@ -412,6 +450,15 @@ class VidKVLayer(DynamicLayer):
     @property
     def num_quantized_tokens(self) -> int:
         return sum(pk.shape[2] for pk, _ in self.blocks)
+
+
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.info(message)
 
 
 class PackedKV:

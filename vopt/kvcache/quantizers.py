@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 __all__ = [
     "KVQuantMode", "ChannelSplit", "ValueCodec", "ValueAxis", "TritPacking", "MetadataDtype", "VidKVConfig",
     "kivi_config", "PackedCodes", "PackedKeys", "PackedValues", "quantize_keys", "dequantize_keys",
-    "quantize_values", "dequantize_values", "INDEX_DTYPE", "TAIL_DTYPE",
+    "quantize_values", "dequantize_values", "concat_blocks", "INDEX_DTYPE", "TAIL_DTYPE",
 ]
 
 #: Channel indices are stored as int16 (head dims are far below 32768).
@@ -534,3 +534,51 @@ def dequantize_values(pv: PackedValues) -> torch.Tensor:
     if pv.axis is ValueAxis.CHANNEL:
         return _with_tail(_ungroup_tokens(g), pv.tail, pv.dtype)
     return g.reshape(B, H, T, D).to(pv.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Joining append-only blocks
+# ---------------------------------------------------------------------------------------------------------------
+def _concat_codes(parts: list) -> Optional[PackedCodes]:
+    """One :class:`PackedCodes` whose groups are ``parts``' groups in order (the group axis is dim 2 in every
+    layout: ``[B, H, T/G, C, G]`` token groups, ``[B, H, T, D/G, G]`` per-token value groups)."""
+    if parts[0] is None:
+        return None
+    first = parts[0]
+    codes = torch.cat([p.codes() for p in parts], dim=2)
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=2)
+    return PackedCodes(_pack(codes, first.bits), first.bits, tuple(codes.shape), first.decode,
+                       cat([p.scale for p in parts]), cat([p.zero for p in parts]))
+
+
+def concat_blocks(keys: Sequence[PackedKeys], values: Sequence[PackedValues]) -> tuple:
+    """``(PackedKeys, PackedValues)`` covering consecutive blocks in token order, re-packed as one container each
+    (what a one-block kernel such as :mod:`vopt.kernels.vidkv_decode` reads). Exact: the codes, scales and zero
+    points are the blocks' own; only the word packing is redone. Every block but the last must hold whole groups
+    (no fp16 tail), and the key channel split must be the same in every block (it is frozen after the first block
+    of an append-only cache); otherwise ``ValueError``.
+    """
+    if not keys or len(keys) != len(values):
+        raise ValueError(f"concat_blocks needs as many key blocks as value blocks (>= 1), got {len(keys)} and "
+                         f"{len(values)}")
+    if len(keys) == 1:
+        return keys[0], values[0]
+    k0, v0 = keys[0], values[0]
+    for pk in keys[:-1]:
+        if pk.tail is not None:
+            raise ValueError("concat_blocks: only the last key block may have an fp16 tail")
+    for pv in values[:-1]:
+        if pv.tail is not None:
+            raise ValueError("concat_blocks: only the last value block may have an fp16 tail")
+    for pk in keys[1:]:
+        same = (pk.anomalous_idx is None) == (k0.anomalous_idx is None) and (
+            pk.anomalous_idx is None or torch.equal(pk.anomalous_idx, k0.anomalous_idx))
+        if not same or (pk.mode, pk.group_size, pk.num_anomalous) != (k0.mode, k0.group_size, k0.num_anomalous):
+            raise ValueError("concat_blocks: the key blocks differ in channel split, mode or group size")
+    T = sum(pk.shape[2] for pk in keys)
+    pk = PackedKeys((*k0.shape[:2], T, k0.shape[3]), k0.dtype, k0.mode, k0.group_size, k0.anomalous_idx,
+                    k0.num_anomalous, _concat_codes([p.anomalous for p in keys]), _concat_codes([p.easy for p in keys]),
+                    keys[-1].tail)
+    pv = PackedValues((*v0.shape[:2], T, v0.shape[3]), v0.dtype, v0.codec, v0.axis, v0.group_size,
+                      _concat_codes([p.codes for p in values]), values[-1].tail)
+    return pk, pv
