@@ -283,10 +283,10 @@ def _received_attention(layer, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     softmax probabilities ``softmax(q k^T * scale)`` averaged over heads and query patches (fp32), computed from the
     layer's own ``layer_norm1`` / ``q_proj`` / ``k_proj`` a few frames at a time (``[chunk, H, P, P]`` at most)."""
     attn = layer.self_attn
+    split = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2).float()
     out = []
     for xs in x.split(chunk):
         h = layer.layer_norm1(xs)
-        split = lambda t: t.view(*t.shape[:2], -1, attn.head_dim).transpose(1, 2).float()
         q, k = split(attn.q_proj(h)), split(attn.k_proj(h))
         out.append(torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1).mean(dim=(1, 2)))
     return torch.cat(out)
@@ -630,10 +630,9 @@ class _InnerState:
         ar = torch.arange(L, device=hidden.device).expand(B, L)
         q_pos = torch.sort(torch.where(real, ar, -1), dim=1).values[:, L - t:]          # [B, t] increasing
         x = layer.input_layernorm(hidden)
-        at = lambda t_: t_.expand(B, *t_.shape[1:]).gather(1, q_pos[..., None].expand(B, t, t_.shape[-1]))
-        q = attn.q_proj(at(x)).view(B, t, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(_take(x, q_pos)).view(B, t, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
-        q = rope(q, q, at(cos), at(sin))[0]
+        q = rope(q, q, _take(cos, q_pos), _take(sin, q_pos))[0]
         k = rope(k, k, cos, sin)[1]
         imp = last_token_importance(q, k, real, q_pos)
         im = inner_merge(hidden, imp, visual, cfg.inner_keep, merge=cfg.inner_merge)
@@ -649,11 +648,9 @@ class _InnerState:
         self.valid = im.valid if im.ragged else None
         self.decoded = 0
         idx = im.keep_idx
-        rows = lambda t_: t_.expand(B, *t_.shape[1:]).gather(1, idx.view(B, -1, *([1] * (t_.dim() - 2))).expand(
-            B, idx.shape[1], *t_.shape[2:]))
-        self.layer_kwargs = {"position_embeddings": (rows(cos), rows(sin))}
+        self.layer_kwargs = {"position_embeddings": (_take(cos, idx), _take(sin, idx))}
         if kwargs.get("position_ids") is not None:
-            self.layer_kwargs["position_ids"] = rows(kwargs["position_ids"])
+            self.layer_kwargs["position_ids"] = _take(kwargs["position_ids"], idx)
         if mask is None and self.valid is not None:  # rows of different lengths need an explicit mask
             mask = torch.ones(L, L, dtype=torch.bool, device=hidden.device).tril()[None, None]
         if mask is not None:
@@ -688,6 +685,13 @@ class _InnerState:
             filler = torch.cat([~self.valid, self.valid.new_zeros(B, cols.shape[1] - self.valid.shape[1])], 1)
             m = m.masked_fill(filler[:, None, None, :], _off_on(m)[0])
         return m
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t [B or 1, L, ...]`` at positions ``idx [B, n]`` along dim 1: ``[B, n, ...]``."""
+    B, n = idx.shape
+    t = t.expand(B, *t.shape[1:])
+    return t.gather(1, idx.view(B, n, *([1] * (t.dim() - 2))).expand(B, n, *t.shape[2:]))
 
 
 def _off_on(mask: torch.Tensor) -> tuple:
@@ -764,7 +768,7 @@ def _install_inner(model, cfg: HoliTomPassConfig, stats: InnerStats) -> str:
 @register_pass
 class HoliTomPass(Pass):
     name = "holitom"
-    summary = "HoliTom outer-LLM video-token merging for LLaVA-OneVision (shortened inputs_embeds; opt-in)"
+    summary = "HoliTom outer- and inner-LLM video-token merging for LLaVA-OneVision (shortened inputs_embeds; opt-in)"
     config_cls = HoliTomPassConfig
     kind = PassKind.RUNTIME
     provides = frozenset({"tokens:holitom_outer"})
