@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define VOPT_CUDA_ABI_VERSION 2
+#define VOPT_CUDA_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define VOPT_API __attribute__((visibility("default")))
@@ -42,6 +42,10 @@ VOPT_API const char* vopt_cuda_error_string(int status);
 
 /* The CUDA architectures compiled in, as CMake lists them (e.g. "80;89;90a"). */
 VOPT_API const char* vopt_cuda_built_archs(void);
+
+/* Why the calling thread's last failed vopt_* call failed, in words (argument checks name the argument and the
+ * accepted values), or "" when that call set no message. Valid until the thread's next vopt_* call. Never NULL. */
+VOPT_API const char* vopt_cuda_last_error_message(void);
 
 /* ---- axpy (axpy.cu): out[i] = alpha * x[i] + y[i], computed in fp32 ----
  * x, y, out: contiguous device arrays of n elements; stream: a cudaStream_t
@@ -85,6 +89,113 @@ VOPT_API int vopt_vq_argmin_f16(const void* x, const void* codebook, const float
 VOPT_API int vopt_vq_argmin_bf16(const void* x, const void* codebook, const float* code_sq_norms, float* best,
                                  int32_t* best_idx, float* second, int64_t n, int64_t k, int64_t d,
                                  int64_t codes_per_split, void* stream);
+
+/* ---- SageAttention2 (sage_quant.cu, sage_attn.cu, sage_attn_mma.cu, sage_attn_wgmma.cu) ----
+ *
+ * Numerics: vopt/ops/sage_reference.py (the oracle) and shared/specs/attention.md section 1. Quantize Q, K and V
+ * with the vopt_sage_quant_* launchers, then run vopt_sage_attn_fwd on the codes. Shapes are [B, H, L, D];
+ * Hq = heads of Q, Hkv = heads of K/V (GQA: query head h reads KV head h / (Hq / Hkv)).
+ *
+ * Padded layouts (every code/scale buffer below is contiguous and written whole by its quantizer):
+ *   L_pad(L) = ceil(L / 128) * 128 rows; D_pad in {64, 128} channels (D <= D_pad; channels >= D are code 0).
+ *   Q codes  int8 [B, Hq, L_pad(Lq), D_pad] (bits 8) or packed int4 [B, Hq, L_pad(Lq), D_pad / 2] (bits 4: byte j
+ *            holds channel 2j in its low nibble and 2j+1 in its high nibble, two's complement).
+ *   K codes  the same with [B, Hkv, L_pad(Lk), ...]. Rows >= L are code 0.
+ *   Q scale  fp32, already multiplied by sm_scale_log2 (scores are exp2-domain):
+ *            per-thread [B, Hq, L_pad(Lq) / 32, 8]: row r uses index (r / 32) * 8 + r % 8;
+ *            per-block  [B, Hq, L_pad(Lq) / 128]:   row r uses index r / 128.
+ *   K scale  fp32, per-thread [B, Hkv, L_pad(Lk) / 64, 4]: key n uses index (n / 64) * 4 + (n % 8) / 2;
+ *            per-block [B, Hkv, L_pad(Lk) / 64]: key n uses index n / 64.
+ *            A group holding no real row has scale 1 (x sm_scale_log2 for Q); padded rows never enter an amax.
+ *   qm       fp32 [B, Hq, L_pad(Lq) / 128, D_pad]: the mean of the real rows of each 128-row Q block (Q smoothing).
+ *   V (fp8)  e4m3 [B, Hkv, D_pad, L_pad(Lk)] (V transposed), keys permuted inside every 16-key group to match the
+ *            FP8 MMA A/B fragments: position p of a group holds key perm16[p % 16] of that group, perm16 =
+ *            {0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15}. Keys >= Lk and channels >= D are 0.
+ *   V scale  fp32 [B, Hkv, D_pad] (channels >= D: 1). V mean: fp32 [B, Hkv, D] (the smoothing input) and
+ *            [B, Hkv, D_pad] in the attention params (channels >= D: 0).
+ *   V (fp16) fp16 [B, Hkv, L_pad(Lk), D_pad] (V rounded to fp16, minus the V mean if smoothed), rows >= Lk zero.
+ *
+ * Rounding (bit-exact with the reference): scale = amax / qmax in fp32 (IEEE division; 1 where amax == 0),
+ * code = clamp(rint(x / scale), -qmax, qmax) with round-half-even, qmax = 127 (bits 8) or 7 (bits 4); x is the
+ * fp32 input minus the given mean (fp32 subtraction). FP8: e4m3 = satfinite-RNE(clamp(x / scale, -448, 448)),
+ * scale = amax / 448. Inputs: fp16/bf16 with element strides sb, sh, sl for B, H, L and unit stride along D. */
+#define VOPT_SAGE_PER_THREAD 0
+#define VOPT_SAGE_PER_BLOCK 1
+#define VOPT_SAGE_PV_FP8 0
+#define VOPT_SAGE_PV_FP16 1
+#define VOPT_SAGE_KERNEL_AUTO 0
+#define VOPT_SAGE_KERNEL_MMA 1   /* mma.sync: sm_80+ (FP8 PV needs sm_89+) */
+#define VOPT_SAGE_KERNEL_WGMMA 2 /* wgmma + TMA, warp-specialized: sm_90a only, INT8 QK + FP8 PV */
+
+/* Mean over L per (b, h, channel), fp32 [B, H, D] (K smoothing km, V smoothing vm). */
+VOPT_API int vopt_sage_channel_mean_f16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch,
+                                        int64_t heads, int64_t len, int64_t dim, float* mean, void* stream);
+VOPT_API int vopt_sage_channel_mean_bf16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch,
+                                         int64_t heads, int64_t len, int64_t dim, float* mean, void* stream);
+
+/* Q: optional smoothing (smooth = 1: subtract each 128-row block's mean, written to qm) then symmetric per-group
+ * quantization (granularity VOPT_SAGE_PER_THREAD with 32-row warps, or VOPT_SAGE_PER_BLOCK with 128-row blocks).
+ * qm may be NULL only when smooth == 0. */
+VOPT_API int vopt_sage_quant_q_f16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch, int64_t heads,
+                                   int64_t len, int64_t dim, int64_t dim_pad, int32_t bits, int32_t granularity,
+                                   int32_t smooth, float sm_scale_log2, void* codes, float* scale, float* qm,
+                                   void* stream);
+VOPT_API int vopt_sage_quant_q_bf16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch, int64_t heads,
+                                    int64_t len, int64_t dim, int64_t dim_pad, int32_t bits, int32_t granularity,
+                                    int32_t smooth, float sm_scale_log2, void* codes, float* scale, float* qm,
+                                    void* stream);
+/* K: x - km (km: fp32 [B, H, D] or NULL for no smoothing), symmetric per-group quantization (64-key groups). */
+VOPT_API int vopt_sage_quant_k_f16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch, int64_t heads,
+                                   int64_t len, int64_t dim, int64_t dim_pad, int32_t bits, int32_t granularity,
+                                   const float* km, void* codes, float* scale, void* stream);
+VOPT_API int vopt_sage_quant_k_bf16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch, int64_t heads,
+                                    int64_t len, int64_t dim, int64_t dim_pad, int32_t bits, int32_t granularity,
+                                    const float* km, void* codes, float* scale, void* stream);
+/* V: x - vm (vm: fp32 [B, H, D] or NULL), per-channel E4M3 into the transposed, permuted fp8 layout above. */
+VOPT_API int vopt_sage_quant_v_fp8_f16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch,
+                                       int64_t heads, int64_t len, int64_t dim, int64_t dim_pad, const float* vm,
+                                       void* v_fp8, float* scale, void* stream);
+VOPT_API int vopt_sage_quant_v_fp8_bf16(const void* x, int64_t sb, int64_t sh, int64_t sl, int64_t batch,
+                                        int64_t heads, int64_t len, int64_t dim, int64_t dim_pad, const float* vm,
+                                        void* v_fp8, float* scale, void* stream);
+
+/* Attention on quantized operands. Every pointer is a device pointer; all buffers use the layouts above. */
+typedef struct vopt_sage_attn_params {
+  const void* q;         /* Q codes */
+  const void* k;         /* K codes */
+  const float* q_scale;  /* Q scales (granularity layout, x sm_scale_log2) */
+  const float* k_scale;  /* K scales */
+  const float* delta_s;  /* NULL, or fp32 [B, Hq, L_pad(Lq) / 128, L_pad(Lk)]: qm . (K - km)^T * sm_scale_log2, added
+                            to the scores of every row of the 128-row Q block (Q smoothing) */
+  const void* v;         /* V: fp8 layout (pv VOPT_SAGE_PV_FP8) or fp16 layout (VOPT_SAGE_PV_FP16) */
+  const float* v_scale;  /* fp32 [B, Hkv, D_pad] for fp8 PV; NULL for fp16 PV */
+  const float* v_mean;   /* NULL, or fp32 [B, Hkv, D_pad] added to the output (V smoothing) */
+  void* out;             /* [B, Hq, Lq, out_dim] fp16 or bf16 (out_dtype); element strides below, unit along D.
+                            Every element of rows < Lq and channels < out_dim is written; nothing else is. */
+  float* lse_log2;       /* NULL, or fp32 [B, Hq, Lq] contiguous: log2 sum_j exp2(S2_ij) of the smoothed
+                            exp2-domain scores (-inf for a row that sees no key) */
+  int64_t out_stride_b, out_stride_h, out_stride_l;
+  int64_t batch, heads_q, heads_kv, len_q, len_k;
+  int64_t head_dim;      /* D_pad: 64 or 128 */
+  int64_t out_dim;       /* 1..head_dim channels written to out */
+  int32_t qk_bits;       /* 8 or 4 */
+  int32_t granularity;   /* VOPT_SAGE_PER_THREAD or VOPT_SAGE_PER_BLOCK */
+  int32_t pv;            /* VOPT_SAGE_PV_FP8 or VOPT_SAGE_PV_FP16 */
+  int32_t two_level;     /* fp8 PV: 1 = each 64-key tile's PV in a fresh accumulator added into the fp32 one */
+  int32_t causal;        /* 1 = bottom-right aligned: query i sees keys j <= i + Lk - Lq */
+  int32_t out_dtype;     /* 0 = fp16, 1 = bf16 */
+  int32_t kernel;        /* VOPT_SAGE_KERNEL_AUTO / _MMA / _WGMMA */
+  int32_t reserved;      /* must be 0 */
+} vopt_sage_attn_params;
+
+/* The size of vopt_sage_attn_params this library was built with (callers check it against their own). */
+VOPT_API int64_t vopt_sage_attn_params_size(void);
+/* Which kernel vopt_sage_attn_fwd would run for params on the current device: writes VOPT_SAGE_KERNEL_MMA or
+ * _WGMMA to *kernel, or returns an error (cudaErrorInvalidValue: bad params; cudaErrorNotSupported: this
+ * device/precision has no kernel), with vopt_cuda_last_error_message() saying why. */
+VOPT_API int vopt_sage_attn_select(const vopt_sage_attn_params* params, int32_t* kernel);
+/* Run attention. Arguments are checked before any CUDA call (so bad params fail the same way with no GPU). */
+VOPT_API int vopt_sage_attn_fwd(const vopt_sage_attn_params* params, void* stream);
 
 #ifdef __cplusplus
 }

@@ -6,9 +6,15 @@
 * Tests marked ``gpu`` are skipped cleanly when no CUDA device is present.
 """
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cuda_build  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -37,3 +43,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cuda_build_dir(tmp_path_factory) -> Path:
+    """libvopt_cuda.so built with the default archs and VOPT_CUDA_NO_INSTALL=1 (vopt/_lib/ untouched).
+
+    Reuses the set-up's build/cuda when it is configured for the default archs (an incremental build: seconds),
+    else builds from scratch in a temporary directory (minutes with the attention kernels)."""
+    if _cuda_build.find_nvcc() is None:
+        pytest.skip("nvcc not found: the CUDA library cannot be built here")
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found: the CUDA library cannot be built here")
+    out = _cuda_build.build_dir_for_tests(tmp_path_factory.mktemp("cuda-build"))
+    before = _cuda_build.digest(_cuda_build.INSTALLED)
+    proc = _cuda_build.build(out)
+    assert proc.returncode == 0, f"build failed:\n{proc.stdout}\n{proc.stderr}"
+    assert _cuda_build.digest(_cuda_build.INSTALLED) == before, "VOPT_CUDA_NO_INSTALL=1 build modified vopt/_lib/"
+    assert (out / "libvopt_cuda.so").is_file()
+    return out

@@ -8,8 +8,6 @@ which is exactly what the error-path tests check.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,30 +21,7 @@ import torch
 from vopt import cuda_library
 from vopt.errors import CudaLibraryError
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD_SCRIPT = ROOT / "tools" / "build_cuda.sh"
-INSTALLED = ROOT / "vopt" / "_lib" / "libvopt_cuda.so"
-EXPECTED_ARCHS = ["80", "89", "90a"]
-
-
-def _find_nvcc() -> str | None:
-    cudacxx = os.environ.get("CUDACXX")
-    if cudacxx and os.access(cudacxx, os.X_OK):
-        return cudacxx
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None
-
-
-def _digest(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _build_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VOPT_CUDA_ARCHS", "VOPT_SKIP_CUDA_BUILD")}
-    env.update(VOPT_CUDA_NO_INSTALL="1", PYTHON=sys.executable)
-    return env
+from _cuda_build import BUILD_SCRIPT, EXPECTED_ARCHS, ROOT, build_env as _build_env, find_cuobjdump
 
 
 @pytest.fixture(autouse=True)
@@ -57,21 +32,8 @@ def _fresh_loader():
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory) -> Path:
-    """A clean build of the library with the default archs (about 10 s on 2 cores)."""
-    if _find_nvcc() is None:
-        pytest.skip("nvcc not found: the CUDA library cannot be built here")
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake not found: the CUDA library cannot be built here")
-    out = tmp_path_factory.mktemp("cuda-build")
-    before = _digest(INSTALLED)
-    proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), str(out)], cwd=ROOT, env=_build_env(), capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"build failed:\n{proc.stdout}\n{proc.stderr}"
-    assert _digest(INSTALLED) == before, "VOPT_CUDA_NO_INSTALL=1 build modified vopt/_lib/"
-    assert (out / "libvopt_cuda.so").is_file()
-    return out
+def build_dir(cuda_build_dir) -> Path:
+    return cuda_build_dir
 
 
 @pytest.fixture
@@ -95,12 +57,7 @@ def test_every_api_symbol_is_exported(built_lib):
 
 
 def test_sass_for_every_default_arch_is_embedded(built_lib):
-    spec = importlib.util.find_spec("triton")
-    cuobjdump = None
-    if spec is not None and spec.submodule_search_locations:
-        cand = Path(list(spec.submodule_search_locations)[0]) / "backends" / "nvidia" / "bin" / "cuobjdump"
-        cuobjdump = str(cand) if cand.is_file() else None
-    cuobjdump = cuobjdump or shutil.which("cuobjdump")
+    cuobjdump = find_cuobjdump()
     if cuobjdump is None:
         pytest.skip("cuobjdump not found (neither in the triton wheel nor on PATH)")
     out = subprocess.run([cuobjdump, "--list-elf", str(built_lib)], capture_output=True, text=True, check=True)

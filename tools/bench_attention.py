@@ -14,6 +14,11 @@ on the same inputs and in the same run:
   (Q/K INT8 quantization, host-side V FP8 quantization, output allocation and the kernel);
 * ``vopt-triton-kernel``: the attention kernel alone on inputs quantized beforehand
   (``prepare_sage_attention(...).launch``);
+* ``vopt-cuda``: :func:`vopt.ops.sage_cuda.sage_attention_cuda` end to end (the hand-written kernels of
+  ``libvopt_cuda.so``: fused Q/K/V quantization kernels + attention, preset ``int8_fp8`` -- per-thread INT8 QK, FP8
+  PV -- or ``int8_fp16`` below sm_89), ``vopt-cuda-kernel`` the attention kernel alone on pre-quantized inputs
+  (``prepare(...).launch``; the note names the kernel the library picked: ``wgmma`` on sm_90, ``mma`` otherwise),
+  and on sm_90 ``vopt-cuda-mma-kernel``, the mma.sync kernel forced, for comparison;
 * ``sageattn-1.0.6``: ``sageattention.sageattn`` (its own quantization included) if the
   package imports, else a "not installed" row. It subtracts K's mean from K in place, so it
   gets its own clone of K (the accuracy call a fresh one).
@@ -125,6 +130,36 @@ def vopt_kernel_only(sa, q, k, v, causal: bool):
         return call.out
 
     return fn, None
+
+
+def cuda_rows(q, k, v, causal: bool, device) -> list:
+    """[(impl, kernel, (fn or None, note))] for the vopt-cuda rows; a refusal becomes a row with the reason."""
+    try:
+        from vopt.ops import sage_attention as sa_op
+        from vopt.ops import sage_cuda
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return [("vopt-cuda", "auto", (None, f"import failed: {type(exc).__name__}: {exc}"))]
+    if device.type != "cuda":
+        return [("vopt-cuda", "auto", (None, "needs CUDA"))]
+    cc = torch.cuda.get_device_capability(device)
+    preset = "int8_fp8" if cc >= (8, 9) else "int8_fp16"
+    p = sa_op.preset(preset)
+    rows = []
+    why = sage_cuda.unsupported_reason(q, k, v, None, causal, p)
+    if why:
+        return [("vopt-cuda", "auto", (None, f"unsupported: {why}"))]
+    rows.append(("vopt-cuda", "auto", (lambda: sage_cuda.sage_attention_cuda(q, k, v, causal, None, p),
+                                       f"end to end: {preset}, quantization kernels included")))
+    for impl, kernel in (("vopt-cuda-kernel", "auto"), ("vopt-cuda-mma-kernel", "mma")):
+        if kernel == "mma" and cc != (9, 0):
+            continue  # elsewhere the auto kernel is the mma kernel
+        try:
+            call = sage_cuda.prepare(q, k, v, causal, None, p, kernel=kernel)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            rows.append((impl, kernel, (None, f"prepare failed: {type(exc).__name__}: {exc}")))
+            continue
+        rows.append((impl, kernel, (call.launch, f"kernel only ({call.kernel}): pre-quantized {preset}")))
+    return rows
 
 
 def sageattn_module():
@@ -272,6 +307,11 @@ def run_case(d: int, n: int, causal: bool, args, device, sa, sa_why, sage) -> li
             except Exception as exc:  # noqa: BLE001 - pre-quantization failed: reported in the row
                 fn, why = None, f"pre-quantization failed: {type(exc).__name__}: {exc}"
             add("vopt-triton", "vopt-triton-kernel", fn, why or "kernel only: pre-quantized Q/K/V")
+
+    # (b2) vopt's hand-written CUDA kernels: end to end, then the kernel alone (and the mma kernel on sm_90).
+    for impl, kernel, fn_why in cuda_rows(q, k, v, causal, device):
+        fn, why = fn_why
+        add("vopt-cuda", impl, fn, why)
 
     # (c) sageattention 1.0.6.
     impl = f"sageattn-{sage[1]}" if sage[0] is not None else "sageattn-1.0.6"

@@ -13,10 +13,14 @@
 #                sees a GPU, else the system python3) and make vopt importable (editable install,
 #                --no-deps, only if `import vopt.ops.axpy` fails; torch is never
 #                installed here)
-#   pytest-gpu   python -m pytest -m gpu -q tests
+#   sage-cuda    python -m pytest -m gpu tests/test_sage_cuda.py (the hand-written SageAttention2 CUDA kernels:
+#                quantizers bit-exact, attention vs the reference, selection, graph replay; first, as the newest code)
+#   sanitize     compute-sanitizer memcheck + racecheck on tools/sage_cuda_smoke.py (small shapes, every kernel and
+#                preset); optional: skipped when compute-sanitizer is not installed
+#   pytest-gpu   python -m pytest -m gpu -q tests (the rest)
 #   bench        tools/bench_kernels.py --out OUT_DIR/bench_kernels.json
 #   bench-attn   tools/bench_attention.py --out OUT_DIR/bench_attention.json (SDPA vs vopt
-#                Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first; at most 120 s,
+#                CUDA and Triton SageAttention vs sageattention 1.0.6; N up to 16K here, hd128 first; at most 120 s,
 #                stops starting cases ~30 s before its limit and keeps ~315 s for the steps after it)
 #   bench-kv     tools/bench_kvcache.py --out OUT_DIR/bench_kvcache.json (KV-cache bytes per setting; decode
 #                latency per token vs context 1K..32K: fp16 SDPA vs packed KIVI-2 / VidKV torch reference,
@@ -117,8 +121,17 @@ fi
 "$PY" -c "import vopt.ops.axpy, vopt.kernels.axpy; from vopt import cuda_library as c; print(\"vopt imported; CUDA backend:\", c.unavailable_reason() or \"available\")"
 '
 
-# ---- 4. GPU tests ----
-run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --junitxml="$OUT/pytest-gpu.xml"'
+# ---- 4. GPU tests: the SageAttention2 CUDA kernels first, compute-sanitizer on them, then the rest ----
+run_step sage-cuda 120 0 '"$PY" -m pytest -m gpu -q tests/test_sage_cuda.py --junitxml="$OUT/pytest-sage-cuda.xml"'
+SANITIZER="$(command -v compute-sanitizer || true)"
+[[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+export SANITIZER
+if [[ -n "$SANITIZER" ]]; then
+  run_step sanitize 90 1 '"$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" tools/sage_cuda_smoke.py && "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" tools/sage_cuda_smoke.py'
+else
+  SUMMARY+=("$(printf '%-12s %-22s %6s' sanitize "SKIPPED (not installed)" 0)")
+fi
+run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --ignore=tests/test_sage_cuda.py --junitxml="$OUT/pytest-gpu.xml"'
 
 # ---- 5. kernel benchmark ----
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'

@@ -23,7 +23,7 @@ from .errors import CudaLibraryError
 ENV_VAR = "VOPT_CUDA_LIB"
 LIBRARY_NAME = "libvopt_cuda.so"
 # Must equal VOPT_CUDA_ABI_VERSION in cuda/vopt_cuda.h.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _VOIDP = ctypes.c_void_p
 _INT_P = ctypes.POINTER(ctypes.c_int)
@@ -31,6 +31,29 @@ _AXPY_ARGS = (_VOIDP, _VOIDP, _VOIDP, ctypes.c_float, ctypes.c_int64, _VOIDP)
 _VQ_ARGS = (_VOIDP,) * 6 + (ctypes.c_int64,) * 4 + (_VOIDP,)
 _I64 = ctypes.c_int64
 _MOE_GG_ARGS = (_VOIDP, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _I64, _I64, _I64, _I64, _VOIDP, _I64, _VOIDP)
+_I32 = ctypes.c_int32
+# sage_quant.cu (x, sb, sh, sl, batch, heads, len, dim, ...): see cuda/vopt_cuda.h.
+_SAGE_MEAN_ARGS = (_VOIDP,) + (_I64,) * 7 + (_VOIDP, _VOIDP)
+_SAGE_Q_ARGS = (_VOIDP,) + (_I64,) * 8 + (_I32, _I32, _I32, ctypes.c_float) + (_VOIDP,) * 4
+_SAGE_K_ARGS = (_VOIDP,) + (_I64,) * 8 + (_I32, _I32) + (_VOIDP,) * 4
+_SAGE_V_ARGS = (_VOIDP,) + (_I64,) * 8 + (_VOIDP,) * 4
+
+
+class SageAttnParams(ctypes.Structure):
+    """``vopt_sage_attn_params`` of cuda/vopt_cuda.h, field for field (checked against the C layout in tests)."""
+
+    _fields_ = [
+        ("q", _VOIDP), ("k", _VOIDP), ("q_scale", _VOIDP), ("k_scale", _VOIDP), ("delta_s", _VOIDP),
+        ("v", _VOIDP), ("v_scale", _VOIDP), ("v_mean", _VOIDP), ("out", _VOIDP), ("lse_log2", _VOIDP),
+        ("out_stride_b", _I64), ("out_stride_h", _I64), ("out_stride_l", _I64),
+        ("batch", _I64), ("heads_q", _I64), ("heads_kv", _I64), ("len_q", _I64), ("len_k", _I64),
+        ("head_dim", _I64), ("out_dim", _I64),
+        ("qk_bits", _I32), ("granularity", _I32), ("pv", _I32), ("two_level", _I32), ("causal", _I32),
+        ("out_dtype", _I32), ("kernel", _I32), ("reserved", _I32),
+    ]
+
+
+_SAGE_PARAMS_P = ctypes.POINTER(SageAttnParams)
 
 # symbol -> (restype, argtypes): every function the library exports.
 SIGNATURES: dict = {
@@ -39,6 +62,7 @@ SIGNATURES: dict = {
     "vopt_cuda_device_count": (ctypes.c_int, (_INT_P,)),
     "vopt_cuda_error_string": (ctypes.c_char_p, (ctypes.c_int,)),
     "vopt_cuda_built_archs": (ctypes.c_char_p, ()),
+    "vopt_cuda_last_error_message": (ctypes.c_char_p, ()),
     "vopt_axpy_f32": (ctypes.c_int, _AXPY_ARGS),
     "vopt_axpy_f16": (ctypes.c_int, _AXPY_ARGS),
     "vopt_axpy_bf16": (ctypes.c_int, _AXPY_ARGS),
@@ -49,6 +73,17 @@ SIGNATURES: dict = {
     "vopt_moe_grouped_gemm_workspace_bytes": (ctypes.c_int, (_I64, ctypes.POINTER(_I64))),
     "vopt_moe_grouped_gemm_f16": (ctypes.c_int, _MOE_GG_ARGS),
     "vopt_moe_grouped_gemm_bf16": (ctypes.c_int, _MOE_GG_ARGS),
+    "vopt_sage_channel_mean_f16": (ctypes.c_int, _SAGE_MEAN_ARGS),
+    "vopt_sage_channel_mean_bf16": (ctypes.c_int, _SAGE_MEAN_ARGS),
+    "vopt_sage_quant_q_f16": (ctypes.c_int, _SAGE_Q_ARGS),
+    "vopt_sage_quant_q_bf16": (ctypes.c_int, _SAGE_Q_ARGS),
+    "vopt_sage_quant_k_f16": (ctypes.c_int, _SAGE_K_ARGS),
+    "vopt_sage_quant_k_bf16": (ctypes.c_int, _SAGE_K_ARGS),
+    "vopt_sage_quant_v_fp8_f16": (ctypes.c_int, _SAGE_V_ARGS),
+    "vopt_sage_quant_v_fp8_bf16": (ctypes.c_int, _SAGE_V_ARGS),
+    "vopt_sage_attn_params_size": (ctypes.c_int64, ()),
+    "vopt_sage_attn_select": (ctypes.c_int, (_SAGE_PARAMS_P, ctypes.POINTER(_I32))),
+    "vopt_sage_attn_fwd": (ctypes.c_int, (_SAGE_PARAMS_P, _VOIDP)),
 }
 
 
@@ -86,10 +121,18 @@ class CudaLibrary:
         raw = self.functions["vopt_cuda_error_string"](int(status))
         return raw.decode("utf-8", "replace") if raw else f"CUDA error {status}"
 
+    def last_error_message(self) -> str:
+        """Why this thread's last failed ``vopt_*`` call failed, in the library's words ("" if it said nothing)."""
+        raw = self.functions["vopt_cuda_last_error_message"]()
+        return raw.decode("utf-8", "replace") if raw else ""
+
     def check(self, status: int, what: str) -> None:
-        """Raise :class:`CudaLibraryError` naming ``what`` when ``status`` is not 0."""
+        """Raise :class:`CudaLibraryError` naming ``what`` (and the library's reason) when ``status`` is not 0."""
         if status != 0:
-            raise CudaLibraryError(f"{what} failed with CUDA status {status} ({self.error_string(status)})")
+            detail = self.last_error_message()
+            raise CudaLibraryError(
+                f"{what} failed with CUDA status {status} ({self.error_string(status)})" + (f": {detail}" if detail else "")
+            )
 
     def runtime_version(self) -> int:
         """The linked CUDA runtime version, e.g. 13000 (needs no driver)."""

@@ -16,9 +16,10 @@ graph pass swaps SDPA nodes for this op), computed with the quantized numerics t
 * ``"int4_fp8"``: INT4 per-thread QK with Q smoothing + FP8 PV (cheapest, least accurate;
   spec §1.5 says to use it only behind an accuracy guard);
 * ``"int8_fp8_block"``: INT8 **per-block** QK (128 Q rows / 64 K rows per scale) + FP8 PV,
-  two-level: the numerics the Triton kernel implements, hence **the only preset that runs on the
-  Triton backend today**; the per-thread presets above run the (slow) reference on CUDA too
-  (the dispatcher logs the fallback once);
+  two-level: the numerics the Triton kernel implements (the only preset it serves). The CUDA
+  kernels serve all four quantized presets; where they refuse a call (a mask, fp32, head_dim > 128,
+  an unsupported GPU), a per-thread preset falls back to the (slow) reference and the dispatcher
+  logs why once;
 * ``"exact"``: no quantization: runs ``vopt::attention``'s dispatcher (exact reference).
 
 **Causal alignment.** ``is_causal`` is **top-left** aligned, as in PyTorch SDPA (query ``i``
@@ -29,9 +30,12 @@ top-left boolean mask, combines it with ``attn_mask`` (bool: ``&``; additive: ``
 causally hidden) and passes it as ``attn_mask`` with ``is_causal=False``. Backends therefore
 never see a causal flag with ``Lq != Lk``.
 
-Backends (:mod:`vopt.dispatch`, ``VOPT_BACKEND``): ``triton`` (CUDA only; bool and additive
+Backends (:mod:`vopt.dispatch`, ``VOPT_BACKEND``), tried in this order: ``cuda`` (``libvopt_cuda.so``'s
+hand-written kernels, :mod:`vopt.ops.sage_cuda`: wgmma + TMA on sm_90a, mma.sync on sm_80/sm_89; fp16/bf16,
+head_dim <= 128, no ``attn_mask``, per-thread or per-block presets: ``int8_fp8``, ``int8_fp16``, ``int4_fp8`` and
+``int8_fp8_block``), ``triton`` (CUDA only; bool and additive
 ``attn_mask`` run in the kernel; :mod:`vopt.kernels.sage_attention`, imported lazily; if it is missing or fails to import,
-the backend reports why and dispatch falls back) and ``reference``
+the backend reports why and dispatch falls back; serves ``int8_fp8_block``) and ``reference``
 (:func:`~vopt.ops.sage_reference.sage_attention_reference`, slow, bit-faithful, any device).
 Backends receive ``(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
 precision)`` with the causal flag already normalized and ``precision`` a
@@ -45,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from .. import cuda_library
 from ..dispatch import kernel_op
 from .attention import ATTENTION, _validate
 from .sage_reference import Granularity, PVPrecision, QKPrecision, SagePrecision, sage_attention_reference
@@ -66,7 +71,7 @@ PRESETS: dict = {
         two_level_accumulation=True,
     ),
     # Per-block INT8 QK (one scale per 128 Q rows / 64 K rows) + FP8 PV: the numerics of the Triton
-    # kernel (vopt.kernels.sage_attention.TRITON_PRECISION), so the only preset it serves today.
+    # kernel (vopt.kernels.sage_attention.TRITON_PRECISION), so the only preset it serves; the CUDA kernels serve it too.
     "int8_fp8_block": SagePrecision(
         qk=QKPrecision.INT8,
         granularity=Granularity.PER_BLOCK,
@@ -171,6 +176,26 @@ def _triton_check(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     return kernels.unsupported_reason(query, key, value, attn_mask, precision)
 
 
+def _cuda_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, precision) -> Optional[str]:
+    from . import sage_cuda
+
+    return sage_cuda.unsupported_reason(query, key, value, attn_mask, is_causal, precision)
+
+
+@SAGE_ATTENTION.register(
+    "cuda",
+    devices={"cuda"},
+    dtypes=(torch.float16, torch.bfloat16),
+    available=cuda_library.unavailable_reason,
+    check=_cuda_check,
+)
+def sage_attention_cuda(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, precision):
+    """``libvopt_cuda.so``'s SageAttention2 kernels (:mod:`vopt.ops.sage_cuda`)."""
+    from . import sage_cuda
+
+    return sage_cuda.sage_attention_cuda(query, key, value, is_causal, scale, precision)
+
+
 @SAGE_ATTENTION.register(
     "triton",
     devices={"cuda"},
@@ -253,6 +278,10 @@ def sageattn(query, key, value, attn_mask=None, is_causal=False, scale=None, ena
     p = preset(precision)
     key, value = neutralize_hidden_keys(query, key, value, attn_mask)
     impl = SAGE_ATTENTION.select(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, p)
+    if impl.fn is sage_attention_cuda:
+        from . import sage_cuda
+
+        return sage_cuda.sage_attention_cuda(query, key, value, is_causal, scale, p, return_lse=return_lse)
     if impl.fn is sage_attention_triton:
         kernels, _ = _triton_module()
         return kernels.sage_attention_triton(query, key, value, is_causal=is_causal, scale=scale,

@@ -257,7 +257,9 @@ def _quantize_symmetric(x: torch.Tensor, group: torch.Tensor, layout: tuple[int,
     row_amax = x.abs().amax(dim=-1)  # [B, H, N]
     amax = torch.zeros(*x.shape[:-2], n_groups, dtype=torch.float32, device=x.device)
     amax.scatter_reduce_(-1, group.expand_as(row_amax), row_amax, reduce="amax", include_self=True)
-    scale = amax / qmax
+    # A tensor divisor: torch's CUDA kernel turns division by a Python scalar into a multiplication by its
+    # reciprocal (off by an ulp for ~half the int4/fp8 scales); tensor / tensor is the IEEE division kernels do.
+    scale = amax / torch.full_like(amax, qmax)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     row_scale = scale.index_select(-1, group)
     codes = torch.round(x / row_scale.unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
@@ -393,7 +395,7 @@ def quantize_v_fp8(v: torch.Tensor, smooth_v: bool = False) -> tuple[torch.Tenso
         vm = x.mean(dim=-2)
         x = x - vm.unsqueeze(-2)
     amax = x.abs().amax(dim=-2) if x.shape[-2] else torch.zeros(*x.shape[:-2], x.shape[-1], device=x.device)
-    scale = amax / FP8_E4M3_MAX
+    scale = amax / torch.full_like(amax, FP8_E4M3_MAX)  # IEEE division on CUDA too (see _quantize_symmetric)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     v_fp8 = (x / scale.unsqueeze(-2)).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return v_fp8, scale, vm
