@@ -130,6 +130,8 @@ def unsupported_reason(query, key, value, attn_mask, is_causal, precision: SageP
             return f"{name} is on {t.device}, not a CUDA device"
         if t.stride(-1) != 1:
             return f"{name} must be contiguous along head_dim (stride {t.stride(-1)})"
+    if min(query.shape[:3]) == 0 or key.shape[2] == 0:
+        return f"empty input (query {tuple(query.shape)}, key {tuple(key.shape)}): nothing for the kernels to do"
     if len({query.device, key.device, value.device}) != 1:
         return "query, key and value are on different devices"
     if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3]:
