@@ -197,6 +197,39 @@ VOPT_API int vopt_sage_attn_select(const vopt_sage_attn_params* params, int32_t*
 /* Run attention. Arguments are checked before any CUDA call (so bad params fail the same way with no GPU). */
 VOPT_API int vopt_sage_attn_fwd(const vopt_sage_attn_params* params, void* stream);
 
+/* ---- block-sparse masked attention (block_sparse_attn.cu): exact fp16/bf16 attention that skips dead tiles ----
+ *
+ * out[b, h, i] = softmax_j(q_i . k_j * scale over the visible keys j) . v, fp32 accumulation (P rounded to the input
+ * dtype for the PV MMA, as FlashAttention-2 does); a row that sees no key is written as 0. Key j is visible to row i
+ * when j < len_k, block_mask[(i / block_q) * nkb + j / block_k] != 0 (nkb = ceil(len_k / block_k)) and, if
+ * dense_mask is given, dense_mask[b * dm_sb + h * dm_sh + i * dm_sq + j * dm_sk] != 0 (strides in elements of one
+ * byte; 0 broadcasts). The kernel works on its own 64 x 64 tiles: tiles [ceil(len_q / 64), ceil(len_k / 64)] says
+ * per kernel tile 0 = dead (never read: its keys are invisible to its rows), 1 = partial (apply the rule above per
+ * element), 2 = full (every key < len_k is visible to every row: no mask is read). tiles must be consistent with
+ * the rule (the host builds it from block_mask; 2 only without a dense mask).
+ * q [B, H, Lq, head_dim], k [B, H, Lk, head_dim], v [B, H, Lk, value_dim], out [B, H, Lq, value_dim]: fp16 or bf16
+ * (dtype 0 / 1), element strides (b, h, l) per tensor, unit stride along the last dim; q, k, v 16-byte aligned with
+ * row strides that are multiples of 8 elements. head_dim and value_dim: multiples of 8, at most 128. */
+typedef struct vopt_block_sparse_attn_params {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const uint8_t* tiles;       /* kernel-tile classes, [ceil(len_q / 64), ceil(len_k / 64)] row-major */
+  const uint8_t* block_mask;  /* [ceil(len_q / block_q), ceil(len_k / block_k)] row-major, 1 = live */
+  const uint8_t* dense_mask;  /* NULL or the element mask (1 = visible), strides below */
+  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
+  int64_t dm_sb, dm_sh, dm_sq, dm_sk;
+  int64_t batch, heads, len_q, len_k, head_dim, value_dim, block_q, block_k;
+  float scale;                /* softmax scale (e.g. 1/sqrt(head_dim)) */
+  int32_t dtype;              /* 0 = fp16, 1 = bf16 */
+} vopt_block_sparse_attn_params;
+
+/* The size of vopt_block_sparse_attn_params this library was built with. */
+VOPT_API int64_t vopt_block_sparse_attn_params_size(void);
+/* Run it (arguments checked before any CUDA call; needs sm_80+). */
+VOPT_API int vopt_block_sparse_attn_fwd(const vopt_block_sparse_attn_params* params, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -62,3 +62,58 @@ def build_dir_for_tests(tmp_dir: Path) -> Path:
 def build(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], cwd=ROOT, env=build_env(), capture_output=True,
                           text=True)
+
+
+def c_struct_layout(struct: str, fields: list, tmp_dir: Path) -> Optional[dict]:
+    """``{field: offset, "sizeof": size}`` of C struct ``struct`` in cuda/vopt_cuda.h, printed by a compiled C
+    program; ``None`` without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = tmp_dir / f"{struct}_layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include \"vopt_cuda.h\"\nint main(void) {\n"
+        + "".join(f'  printf("{f} %zu\\n", offsetof({struct}, {f}));\n' for f in fields)
+        + f'  printf("sizeof %zu\\n", sizeof({struct}));\n  return 0;\n}}\n'
+    )
+    exe = tmp_dir / f"{struct}_layout"
+    subprocess.run([cc, "-I", str(ROOT / "cuda"), str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+def assert_ctypes_matches_c(struct: str, ctype, tmp_dir: Path) -> None:
+    """The ctypes Structure ``ctype`` has the C struct's size and every field's offset."""
+    import ctypes
+
+    import pytest
+
+    fields = [f for f, _ in ctype._fields_]
+    layout = c_struct_layout(struct, fields, tmp_dir)
+    if layout is None:
+        pytest.skip("no C compiler to print the C layout")
+    for f in fields:
+        assert layout[f] == getattr(ctype, f).offset, f
+    assert layout["sizeof"] == ctypes.sizeof(ctype)
+
+
+def sass_functions(lib: Path, arch: str, word: str) -> dict:
+    """{mangled function name: SASS text} of the kernels whose name contains ``word`` (any case), for ``arch``
+    (e.g. "sm_89"), from ``cuobjdump -sass``; skips the test without cuobjdump."""
+    import re
+
+    import pytest
+
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (neither in the triton wheel nor on PATH)")
+    out = subprocess.run([tool, "-sass", "-arch", arch, str(lib)], capture_output=True, text=True, check=True).stdout
+    funcs, name = {}, None
+    for line in out.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            funcs[name] = []
+        elif name is not None:
+            funcs[name].append(line)
+    return {n: "\n".join(body) for n, body in funcs.items() if word.lower() in n.lower()}

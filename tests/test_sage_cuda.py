@@ -12,15 +12,13 @@ import ctypes
 import dataclasses
 import logging
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _cuda_build import ROOT, find_cuobjdump
+from _cuda_build import assert_ctypes_matches_c, sass_functions
 from vopt import cuda_library
 from vopt.errors import CudaLibraryError
 from vopt.ops import sage_attention as sa_op
@@ -57,25 +55,8 @@ def built_lib(cuda_build_dir, monkeypatch) -> Path:
 
 def test_params_struct_matches_the_c_layout(built_lib, tmp_path):
     """ctypes' SageAttnParams has the C struct's size and every field's offset (a C program prints them)."""
-    lib = cuda_library.load()
-    assert lib.call("vopt_sage_attn_params_size") == ctypes.sizeof(cuda_library.SageAttnParams)
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to print the C offsets")
-    fields = [f for f, _ in cuda_library.SageAttnParams._fields_]
-    src = tmp_path / "offsets.c"
-    src.write_text(
-        "#include <stdio.h>\n#include <stddef.h>\n#include \"vopt_cuda.h\"\nint main(void) {\n"
-        + "".join(f'  printf("{f} %zu\\n", offsetof(vopt_sage_attn_params, {f}));\n' for f in fields)
-        + '  printf("sizeof %zu\\n", sizeof(vopt_sage_attn_params));\n  return 0;\n}\n'
-    )
-    exe = tmp_path / "offsets"
-    subprocess.run([cc, "-I", str(ROOT / "cuda"), str(src), "-o", str(exe)], check=True)
-    printed = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                             check=True).stdout.splitlines())
-    for f in fields:
-        assert int(printed[f]) == getattr(cuda_library.SageAttnParams, f).offset, f
-    assert int(printed["sizeof"]) == ctypes.sizeof(cuda_library.SageAttnParams)
+    assert cuda_library.load().call("vopt_sage_attn_params_size") == ctypes.sizeof(cuda_library.SageAttnParams)
+    assert_ctypes_matches_c("vopt_sage_attn_params", cuda_library.SageAttnParams, tmp_path)
 
 
 def _valid_params(**over) -> cuda_library.SageAttnParams:
@@ -197,19 +178,7 @@ def test_every_quantized_preset_has_a_kernel():
 
 def _sass_functions(lib: Path, arch: str) -> dict:
     """{mangled function name: SASS text} of the sage kernels compiled for ``arch`` (e.g. "sm_89")."""
-    tool = find_cuobjdump()
-    if tool is None:
-        pytest.skip("cuobjdump not found (neither in the triton wheel nor on PATH)")
-    out = subprocess.run([tool, "-sass", "-arch", arch, str(lib)], capture_output=True, text=True, check=True).stdout
-    funcs, name = {}, None
-    for line in out.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            name = m.group(1)
-            funcs[name] = []
-        elif name is not None:
-            funcs[name].append(line)
-    return {n: "\n".join(body) for n, body in funcs.items() if "sage" in n.lower()}
+    return sass_functions(lib, arch, "sage")
 
 
 def _kernels(funcs: dict, *words) -> dict:

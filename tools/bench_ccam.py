@@ -246,6 +246,22 @@ def run_case(frames: int, cfg: dict, args, device, dtype) -> list:
         except Exception as exc:  # noqa: BLE001 - reported in the row
             add("vopt", impl + "-kernel", None, skip, f"prepare_launch failed: {type(exc).__name__}: {exc}")
 
+    # (c2) vopt CUDA block-sparse (cuda/block_sparse_attn.cu: exact mma.sync, 64x64 kernel tiles, dense mask).
+    try:
+        from vopt.ops import block_sparse_cuda as bcu
+
+        cwhy = bcu.unsupported_reason(q, k, v, live, bq, bk, dense)
+        cwhy = f"unsupported: {cwhy}" if cwhy else None
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        bcu, cwhy = None, f"import vopt.ops.block_sparse_cuda failed: {type(exc).__name__}: {exc}"
+    cskip = skip
+    if not cwhy:
+        ctiles = bcu.kernel_tiles(live, nq, nk, bq, bk, True)
+        cskip = float((ctiles == 0).float().mean())
+    add("vopt", "vopt-cuda-dense", None if cwhy else (lambda: bcu.block_sparse_attention_cuda(q, k, v, live, bq, bk,
+                                                                                              dense)),
+        cskip, cwhy or "CUDA mma.sync, 64x64 kernel tiles (dead ones never loaded), dense bool mask in live tiles")
+
     # (e) SageAttention2 Triton with the dense bool mask (quantized + masked; dead 128x64 tiles skipped).
     try:
         from vopt.kernels import sage_attention as sk

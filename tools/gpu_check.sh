@@ -13,10 +13,11 @@
 #                sees a GPU, else the system python3) and make vopt importable (editable install,
 #                --no-deps, only if `import vopt.ops.axpy` fails; torch is never
 #                installed here)
-#   sage-cuda    python -m pytest -m gpu tests/test_sage_cuda.py (the hand-written SageAttention2 CUDA kernels:
-#                quantizers bit-exact, attention vs the reference, selection, graph replay; first, as the newest code)
-#   sanitize     compute-sanitizer memcheck + racecheck on tools/sage_cuda_smoke.py (small shapes, every kernel and
-#                preset); optional: skipped when compute-sanitizer is not installed
+#   cuda-attn    python -m pytest -m gpu tests/test_sage_cuda.py tests/test_block_sparse_cuda.py (the hand-written
+#                attention kernels: SageAttention2 quantizers bit-exact, attention vs the reference, selection, graph
+#                replay; block-sparse vs the reference; first, as the newest code)
+#   sanitize     compute-sanitizer memcheck + racecheck on tools/cuda_kernels_smoke.py (small shapes, every kernel
+#                and preset); optional: skipped when compute-sanitizer is not installed
 #   pytest-gpu   python -m pytest -m gpu -q tests (the rest)
 #   bench        tools/bench_kernels.py --out OUT_DIR/bench_kernels.json
 #   bench-attn   tools/bench_attention.py --out OUT_DIR/bench_attention.json (SDPA vs vopt
@@ -122,16 +123,16 @@ fi
 '
 
 # ---- 4. GPU tests: the SageAttention2 CUDA kernels first, compute-sanitizer on them, then the rest ----
-run_step sage-cuda 120 0 '"$PY" -m pytest -m gpu -q tests/test_sage_cuda.py --junitxml="$OUT/pytest-sage-cuda.xml"'
+run_step cuda-attn 120 0 '"$PY" -m pytest -m gpu -q tests/test_sage_cuda.py tests/test_block_sparse_cuda.py --junitxml="$OUT/pytest-cuda-attn.xml"'
 SANITIZER="$(command -v compute-sanitizer || true)"
 [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 export SANITIZER
 if [[ -n "$SANITIZER" ]]; then
-  run_step sanitize 90 1 '"$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" tools/sage_cuda_smoke.py && "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" tools/sage_cuda_smoke.py'
+  run_step sanitize 90 1 '"$SANITIZER" --tool memcheck --error-exitcode 9 "$PY" tools/cuda_kernels_smoke.py && "$SANITIZER" --tool racecheck --error-exitcode 9 "$PY" tools/cuda_kernels_smoke.py'
 else
   SUMMARY+=("$(printf '%-12s %-22s %6s' sanitize "SKIPPED (not installed)" 0)")
 fi
-run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --ignore=tests/test_sage_cuda.py --junitxml="$OUT/pytest-gpu.xml"'
+run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --ignore=tests/test_sage_cuda.py --ignore=tests/test_block_sparse_cuda.py --junitxml="$OUT/pytest-gpu.xml"'
 
 # ---- 5. kernel benchmark ----
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'

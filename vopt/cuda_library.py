@@ -55,6 +55,19 @@ class SageAttnParams(ctypes.Structure):
 
 _SAGE_PARAMS_P = ctypes.POINTER(SageAttnParams)
 
+
+class BlockSparseAttnParams(ctypes.Structure):
+    """``vopt_block_sparse_attn_params`` of cuda/vopt_cuda.h, field for field (checked against the C layout in tests)."""
+
+    _fields_ = [
+        ("q", _VOIDP), ("k", _VOIDP), ("v", _VOIDP), ("out", _VOIDP),
+        ("tiles", _VOIDP), ("block_mask", _VOIDP), ("dense_mask", _VOIDP),
+        *((name, _I64) for name in ("q_sb", "q_sh", "q_sl", "k_sb", "k_sh", "k_sl", "v_sb", "v_sh", "v_sl",
+                                    "o_sb", "o_sh", "o_sl", "dm_sb", "dm_sh", "dm_sq", "dm_sk", "batch", "heads",
+                                    "len_q", "len_k", "head_dim", "value_dim", "block_q", "block_k")),
+        ("scale", ctypes.c_float), ("dtype", _I32),
+    ]
+
 # symbol -> (restype, argtypes): every function the library exports.
 SIGNATURES: dict = {
     "vopt_cuda_abi_version": (ctypes.c_int, ()),
@@ -84,6 +97,8 @@ SIGNATURES: dict = {
     "vopt_sage_attn_params_size": (ctypes.c_int64, ()),
     "vopt_sage_attn_select": (ctypes.c_int, (_SAGE_PARAMS_P, ctypes.POINTER(_I32))),
     "vopt_sage_attn_fwd": (ctypes.c_int, (_SAGE_PARAMS_P, _VOIDP)),
+    "vopt_block_sparse_attn_params_size": (ctypes.c_int64, ()),
+    "vopt_block_sparse_attn_fwd": (ctypes.c_int, (ctypes.POINTER(BlockSparseAttnParams), _VOIDP)),
 }
 
 

@@ -12,8 +12,9 @@ conservative for ``dense_mask`` (every visible element lies in a live tile, e.g.
 :meth:`~vopt.ops.ccam_mask.CCAMMask.block_mask`) that is ``reference_attention(q, k, v, attn_mask=dense_mask)``.
 Rows that see no key output 0 (as :func:`~vopt.ops.attention.reference_attention`).
 
-Backends: ``triton`` (:mod:`vopt.kernels.block_sparse_attention`, fp16/fp32, CUDA or CPU under
-the interpreter) and ``reference`` (:func:`block_sparse_attention_reference`, torch, any device).
+Backends: ``cuda`` (``libvopt_cuda.so``'s exact mma.sync kernel on 64 x 64 tiles, fp16/bf16, head dims up to
+128; :mod:`vopt.ops.block_sparse_cuda`), ``triton`` (:mod:`vopt.kernels.block_sparse_attention`, fp16/fp32, CUDA
+or CPU under the interpreter) and ``reference`` (:func:`block_sparse_attention_reference`, torch, any device).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .. import cuda_library
 from ..dispatch import kernel_op
 
 OP_NAME = "vopt::block_sparse_attention"
@@ -162,6 +164,22 @@ def _triton_check(query, key, value, block_mask, block_q, block_k, dense_mask=No
     if why:
         return why
     return kernels.unsupported_reason(query, key, value, block_mask, block_q, block_k, dense_mask)
+
+
+def _cuda_check(query, key, value, block_mask, block_q, block_k, dense_mask=None, scale=None) -> Optional[str]:
+    from . import block_sparse_cuda
+
+    return block_sparse_cuda.unsupported_reason(query, key, value, block_mask, block_q, block_k, dense_mask, scale)
+
+
+@BLOCK_SPARSE_ATTENTION.register("cuda", devices={"cuda"}, dtypes=(torch.float16, torch.bfloat16),
+                                 available=cuda_library.unavailable_reason, check=_cuda_check)
+def block_sparse_attention_cuda(query, key, value, block_mask, block_q, block_k, dense_mask=None, scale=None):
+    """``libvopt_cuda.so``'s block-sparse kernel (:mod:`vopt.ops.block_sparse_cuda`)."""
+    from . import block_sparse_cuda
+
+    return block_sparse_cuda.block_sparse_attention_cuda(query, key, value, block_mask, block_q, block_k,
+                                                         dense_mask, scale)
 
 
 @BLOCK_SPARSE_ATTENTION.register("triton", devices={"cuda", "cpu"}, dtypes=(torch.float16, torch.float32),
