@@ -230,6 +230,50 @@ VOPT_API int64_t vopt_block_sparse_attn_params_size(void);
 /* Run it (arguments checked before any CUDA call; needs sm_80+). */
 VOPT_API int vopt_block_sparse_attn_fwd(const vopt_block_sparse_attn_params* params, void* stream);
 
+/* ---- VidKV / KIVI packed decode attention (vidkv_decode.cu) ----
+ *
+ * Decode attention that reads a packed KV cache directly (no dequantized K/V in memory): the CUDA twin of the
+ * Triton kernel vopt/kernels/vidkv_decode.py. Operand layouts, index arithmetic and numerics are specified in
+ * vopt/kvcache/fused_decode_args.py (the host prepares them identically for both kernels): rows m < M of
+ * (bh = b * Hkv + h), tokens t < N; keys: 2-bit anomalous channels (qa . dequant), 1-bit easy channels in the
+ * frequency domain (qb . dequant), fp16 residual for t >= TQK (q . k_res); values: 2-bit affine / 2-bit trit /
+ * base-3, per token or per channel, fp16 residual for t >= TQV. Dequantized K and V values and P are rounded to
+ * fp16 before their products; scores (x qk_scale, exp2 domain), online softmax and accumulation are fp32;
+ * out = acc / l, fp32 [BH, M, DV]. The tokens may be split into `splits` ranges run by separate CTAs (partial
+ * max, sum and accumulator in `workspace`) and merged by a second kernel. */
+typedef struct vopt_vidkv_decode_params {
+  const void* q;          /* fp16 [BH, M, D] */
+  const void* qa;         /* fp16 [BH, M, KA]; NULL iff KA == 0 */
+  const void* qb;         /* fp16 [BH, M, KB]; NULL iff KB == 0 */
+  const int32_t* ka_words;
+  const void* ka_scale;   /* [BH, NGK, KA], metadata dtype */
+  const void* ka_zero;
+  const int32_t* kb_words;
+  const void* kb_scale;   /* [BH, NGK, KB] */
+  const void* kb_zero;    /* NULL when kb_pm */
+  const void* k_res;      /* fp16 [BH, N - TQK, D]; NULL iff N == TQK */
+  const void* v_words;    /* int32 words (v_codec 0, 1) or bytes (v_codec 2) */
+  const void* v_scale;    /* NULL iff !v_has_scale */
+  const void* v_zero;     /* v_codec 0 only */
+  const void* v_res;      /* fp16 [BH, N - TQV, DV]; NULL iff N == TQV */
+  float* out;             /* fp32 [BH, M, DV] */
+  float* workspace;       /* splits > 1: vopt_vidkv_decode_workspace_bytes bytes (fp32-aligned); else NULL */
+  int64_t bh, m, d, dv, ka, kb, tqk, tqv, n, gk, gv;
+  int64_t splits;         /* >= 1 */
+  float qk_scale;         /* softmax scale * log2(e) */
+  int32_t meta_dtype;     /* scales and zero points: 0 = fp16, 1 = bf16, 2 = fp32 */
+  int32_t kb_pm;          /* 1: easy keys (2 bit - 1) * s; 0: bit * s + z */
+  int32_t v_per_token;    /* 1: value groups along channels (KIVI); 0: along tokens (VidKV) */
+  int32_t v_codec;        /* 0: 2-bit code * s + z; 1: 2-bit (code - 1) [* s]; 2: base-3 (digit - 1) [* s] */
+  int32_t v_has_scale;
+} vopt_vidkv_decode_params;
+
+VOPT_API int64_t vopt_vidkv_decode_params_size(void);
+/* Bytes of workspace the call needs (0 when splits == 1). */
+VOPT_API int vopt_vidkv_decode_workspace_bytes(const vopt_vidkv_decode_params* params, int64_t* bytes);
+/* Run it (arguments checked before any CUDA call). */
+VOPT_API int vopt_vidkv_decode_fwd(const vopt_vidkv_decode_params* params, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

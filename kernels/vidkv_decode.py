@@ -40,15 +40,14 @@ all-residual still issue the (masked) packed loads; bf16/fp32 windows are rounde
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from ._launch import launch
 
 from vopt.errors import VoptError
-from vopt.kvcache.decode_attention import frequency_domain_query
-from vopt.kvcache.quantizers import KVQuantMode, PackedKeys, PackedValues, ValueAxis, _stored_channel_order
+from vopt.kvcache.fused_decode_args import MAX_HEAD_DIM, V_BASE3, fused_decode_args, layout_reason
+from vopt.kvcache.quantizers import PackedKeys, PackedValues
 
 try:  # the module must import (and unsupported_reason must answer) without triton
     import triton
@@ -66,10 +65,6 @@ __all__ = [
 
 #: Tokens per tile of the online softmax.
 BLOCK_N = 32
-#: Largest head_dim handled.
-MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-_V_AFFINE, _V_TRIT2, _V_BASE3 = 0, 1, 2
 
 
 class VidKVTritonUnsupportedError(VoptError, NotImplementedError):
@@ -248,56 +243,7 @@ def unsupported_reason(query, packed_keys, packed_values, window_k=None, window_
     """None if :func:`packed_decode_attention_triton` can run this call, else why not (one sentence)."""
     if triton is None:
         return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
-    if not isinstance(packed_keys, PackedKeys) or not isinstance(packed_values, PackedValues):
-        return "needs exactly one PackedKeys and one PackedValues block (lists of blocks: use the torch reference)"
-    if query.dim() != 4:
-        return f"query must be [B, Hq, Lq, D], got {tuple(query.shape)}"
-    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"query dtype {query.dtype} not supported (fp16, bf16, fp32)"
-    B, Hq, Lq, D = query.shape
-    kshape, vshape = tuple(packed_keys.shape), tuple(packed_values.shape)
-    if kshape[:3] != vshape[:3] or kshape[0] != B:
-        return f"keys {kshape} and values {vshape} must share B, Hkv, T with query batch {B}"
-    Hkv = kshape[1]
-    if kshape[3] != D:
-        return f"key head_dim {kshape[3]} != query head_dim {D}"
-    if Hq != Hkv and (not enable_gqa or Hq % Hkv):
-        return f"query heads {Hq} vs KV heads {Hkv}: needs enable_gqa=True and Hq % Hkv == 0"
-    if max(D, vshape[3]) > MAX_HEAD_DIM:
-        return f"head_dim above {MAX_HEAD_DIM}"
-    if (Hq // Hkv) * Lq > 128:
-        return f"(Hq/Hkv)·Lq = {(Hq // Hkv) * Lq} query rows per KV head exceed 128 (decode path)"
-    if (window_k is None) != (window_v is None):
-        return "window_k and window_v must be given together"
-    if window_k is not None:
-        if window_k.shape[:2] != (B, Hkv) or window_k.shape[3] != D or window_v.shape[:3] != window_k.shape[:3] \
-                or window_v.shape[3] != vshape[3]:
-            return f"windows {tuple(window_k.shape)}, {tuple(window_v.shape)} do not match the cache"
-    pk, pc = packed_keys, packed_values.codes
-    for part, want in ((pk.anomalous, ("affine", 2)), (pk.easy, None)):
-        if part is not None and want is not None and (part.decode, part.bits) != want:
-            return f"anomalous key codes must be 2-bit affine, got {part.decode}/{part.bits}"
-    if pk.easy is not None and (pk.easy.bits, pk.easy.decode) not in ((1, "pm_sign"), (1, "affine")):
-        return f"easy key codes must be 1-bit signs, got {pk.easy.decode}/{pk.easy.bits}"
-    if (pc.bits, pc.decode) not in ((2, "affine"), (2, "trit2"), (0, "trit")):
-        return f"value codes {pc.decode}/{pc.bits}-bit not supported"
-    if pc.decode == "affine" and (pc.scale is None or pc.zero is None):
-        return "affine value codes need a scale and a zero point"
-    total = kshape[2] + (0 if window_k is None else window_k.shape[2])
-    if total == 0:
-        return "empty cache"
-    return None
-
-
-def _fp16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float16).contiguous()
-
-
-def _residual(tail: Optional[torch.Tensor], window: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    parts = [x for x in (tail, window) if x is not None and x.shape[2] > 0]
-    if not parts:
-        return like.new_zeros(1, dtype=torch.float16)
-    return _fp16(torch.cat([p.to(torch.float16) for p in parts], dim=2))
+    return layout_reason(query, packed_keys, packed_values, window_k, window_v, enable_gqa)
 
 
 def packed_decode_attention_triton(query, packed_keys: PackedKeys, packed_values: PackedValues, window_k=None,
@@ -313,58 +259,27 @@ def packed_decode_attention_triton(query, packed_keys: PackedKeys, packed_values
     reason = unsupported_reason(query, packed_keys, packed_values, window_k, window_v, enable_gqa)
     if reason is not None:
         raise VidKVTritonUnsupportedError(reason)
-    pk, pv = packed_keys, packed_values
-    B, Hq, Lq, D = query.shape
-    Hkv, T, DV = pk.shape[1], pk.shape[2], pv.shape[3]
-    M = (Hq // Hkv) * Lq
+    a = fused_decode_args(query, packed_keys, packed_values, window_k, window_v, scale)
     dev = query.device
-    q32 = query.to(torch.float32).reshape(B, Hkv, M, D)
     dummy_f = torch.zeros(1, dtype=torch.float16, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
-    has_a, has_b = pk.anomalous is not None, pk.easy is not None
-    easy_idx, anom_idx = _stored_channel_order(pk) if (has_a or has_b) else (None, None)
-
-    def gather(idx):
-        return torch.gather(q32, -1, idx.to(dev).unsqueeze(2).expand(B, Hkv, M, idx.shape[-1]))
-
-    ka = pk.num_anomalous if has_a else 0
-    qa = _fp16(gather(anom_idx)) if has_a else dummy_f
-    kaw, kas, kaz = ((pk.anomalous.words, pk.anomalous.scale, pk.anomalous.zero) if has_a
-                     else (dummy_i, dummy_f, dummy_f))
-    if has_b:
-        w = frequency_domain_query(gather(easy_idx), pk.mode is KVQuantMode.REFERENCE)
-        kb = w.shape[-1]
-        qb = _fp16(w)
-        kbw, kbs = pk.easy.words, pk.easy.scale
-        kbz = pk.easy.zero if pk.easy.zero is not None else dummy_f
-        kb_pm = pk.easy.decode == "pm_sign"
-    else:
-        kb, qb, kbw, kbs, kbz, kb_pm = 0, dummy_f, dummy_i, dummy_f, dummy_f, True
-    tqk = pk.num_quantized_tokens
-    pc = pv.codes
-    v_codec = {"affine": _V_AFFINE, "trit2": _V_TRIT2, "trit": _V_BASE3}[pc.decode]
-    per_token = pv.axis is ValueAxis.TOKEN
-    tqv = T - (0 if pv.tail is None else pv.tail.shape[2])
-    vs = pc.scale if pc.scale is not None else dummy_f
-    vz = pc.zero if pc.zero is not None else dummy_f
-    kr = _residual(pk.tail, window_k, query)
-    vr = _residual(pv.tail, window_v, query)
-    n_total = T + (0 if window_k is None else window_k.shape[2])
-    aligned_k = pk.group_size % (32 if has_b else 16) == 0
-    aligned_v = v_codec != _V_BASE3 and (DV % 16 == 0 if per_token else pv.group_size % 16 == 0)
+    or_f = lambda t: dummy_f if t is None else t  # noqa: E731
+    or_i = lambda t: dummy_i if t is None else t  # noqa: E731
+    has_a, has_b = a.qa is not None, a.qb is not None
+    aligned_k = a.gk % (32 if has_b else 16) == 0
+    aligned_v = a.v_codec != V_BASE3 and (a.dv % 16 == 0 if a.v_per_token else a.gv % 16 == 0)
     if not word_loads:
         aligned_k = aligned_v = False
-    out = torch.empty(B, Hkv, M, DV, dtype=torch.float32, device=dev)
-    sm = (1.0 / math.sqrt(D) if scale is None else float(scale)) * _LOG2E
-    args = (_fp16(q32), qa, qb, kaw, kas, kaz, kbw, kbs, kbz, kr, pc.words, vs, vz, vr, out,
-            M, D, DV, ka, kb, tqk, tqv, n_total, sm)
-    kw = dict(GK=pk.group_size, GV=pv.group_size, HAS_A=has_a, HAS_B=has_b, KB_PM=kb_pm, V_PER_TOKEN=per_token,
-              V_CODEC=v_codec, V_HAS_SCALE=pc.scale is not None, ALIGNED_K=aligned_k, ALIGNED_V=aligned_v,
-              BLOCK_M=_pow2(M), BLOCK_N=BLOCK_N,
-              BLOCK_D=_pow2(D), BLOCK_DA=_pow2(ka), BLOCK_DB=_pow2(kb), BLOCK_DV=_pow2(DV))
-    grid = (B * Hkv,)
-    launch(_packed_decode_kernel, grid, dev, *args, **kw)
-    return out.reshape(B, Hq, Lq, DV).to(query.dtype)
+    out = torch.empty(a.bh, a.m, a.dv, dtype=torch.float32, device=dev)
+    args = (a.q, or_f(a.qa), or_f(a.qb), or_i(a.ka_words), or_f(a.ka_scale), or_f(a.ka_zero), or_i(a.kb_words),
+            or_f(a.kb_scale), or_f(a.kb_zero), or_f(a.k_res), a.v_words, or_f(a.v_scale), or_f(a.v_zero),
+            or_f(a.v_res), out, a.m, a.d, a.dv, a.ka, a.kb, a.tqk, a.tqv, a.n, a.qk_scale)
+    kw = dict(GK=a.gk, GV=a.gv, HAS_A=has_a, HAS_B=has_b, KB_PM=a.kb_pm, V_PER_TOKEN=a.v_per_token,
+              V_CODEC=a.v_codec, V_HAS_SCALE=a.v_has_scale, ALIGNED_K=aligned_k, ALIGNED_V=aligned_v,
+              BLOCK_M=_pow2(a.m), BLOCK_N=BLOCK_N,
+              BLOCK_D=_pow2(a.d), BLOCK_DA=_pow2(a.ka), BLOCK_DB=_pow2(a.kb), BLOCK_DV=_pow2(a.dv))
+    launch(_packed_decode_kernel, (a.bh,), dev, *args, **kw)
+    return out.reshape(a.out_shape).to(query.dtype)
 
 
 def kivi_decode_attention_triton(query, packed_keys: PackedKeys, packed_values: PackedValues, window_k=None,

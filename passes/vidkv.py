@@ -52,10 +52,12 @@ updates instead of dequantized K/V, and the attention function computes
 :meth:`~vopt.kvcache.cache.VidKVLayer.decode_attention` on the packed codes (keys scored on codes / in the frequency
 domain, values contracted on codes: :func:`vopt.kvcache.packed_decode_attention`; no ``[B, H, T, D]`` K/V is formed);
 everything else (prefill, other caches) goes to ``<inner>`` unchanged. Same tokens as the dequantizing path (tested).
-On CUDA with no attention mask (batch 1 / no padding) the fused Triton kernel :mod:`vopt.kernels.vidkv_decode` runs
-over the cache's append-only blocks joined into one container (:meth:`~vopt.kvcache.cache.VidKVLayer.merged_blocks`,
-re-joined only when a block is added); otherwise, and on CPU, the torch implementation runs (on CPU it is slower
-than dequantize + SDPA at these sizes). The Triton path has not run on a GPU yet.
+On CUDA with no attention mask (batch 1 / no padding) a fused kernel runs over the cache's append-only blocks joined
+into one container (:meth:`~vopt.kvcache.cache.VidKVLayer.merged_blocks`, re-joined only when a block is added): the
+CUDA library's (:mod:`vopt.kvcache.decode_cuda`, split over tokens), else the Triton one
+(:mod:`vopt.kernels.vidkv_decode`); otherwise, and on CPU, the torch implementation runs (on CPU it is slower than
+dequantize + SDPA at these sizes). Neither fused kernel has run on a GPU yet (the CUDA one runs emulated on the CPU
+in the tests).
 
 Why **not a default pass**: KV quantization changes generated tokens after the first one. Opt in with
 ``vopt.optimize(model, passes=["vidkv"])``.

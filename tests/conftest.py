@@ -62,3 +62,21 @@ def cuda_build_dir(tmp_path_factory) -> Path:
     assert _cuda_build.digest(_cuda_build.INSTALLED) == before, "VOPT_CUDA_NO_INSTALL=1 build modified vopt/_lib/"
     assert (out / "libvopt_cuda.so").is_file()
     return out
+
+
+@pytest.fixture
+def fresh_cuda_loader():
+    """Forget loaded CUDA libraries before and after the test (the loader caches per path and process)."""
+    from vopt import cuda_library
+
+    cuda_library.clear_cache()
+    yield
+    cuda_library.clear_cache()
+
+
+@pytest.fixture
+def built_lib(cuda_build_dir, monkeypatch, fresh_cuda_loader) -> Path:
+    """The test build of libvopt_cuda.so, made the one vopt loads (VOPT_CUDA_LIB)."""
+    lib = cuda_build_dir / "libvopt_cuda.so"
+    monkeypatch.setenv("VOPT_CUDA_LIB", str(lib))
+    return lib

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,18 +23,8 @@ from vopt.ops.ccam_mask import CCAMMask
 CUDA_INVALID_VALUE = 1
 
 
-@pytest.fixture(autouse=True)
-def _fresh_loader():
-    cuda_library.clear_cache()
-    yield
-    cuda_library.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cuda_loader")
 
-
-@pytest.fixture
-def built_lib(cuda_build_dir, monkeypatch) -> Path:
-    lib = cuda_build_dir / "libvopt_cuda.so"
-    monkeypatch.setenv("VOPT_CUDA_LIB", str(lib))
-    return lib
 
 
 # ---- tile classification (pure host code) ----------------------------------------------------------------------

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,23 +23,7 @@ from vopt.errors import CudaLibraryError
 from _cuda_build import BUILD_SCRIPT, EXPECTED_ARCHS, ROOT, build_env as _build_env, find_cuobjdump
 
 
-@pytest.fixture(autouse=True)
-def _fresh_loader():
-    cuda_library.clear_cache()
-    yield
-    cuda_library.clear_cache()
-
-
-@pytest.fixture(scope="module")
-def build_dir(cuda_build_dir) -> Path:
-    return cuda_build_dir
-
-
-@pytest.fixture
-def built_lib(build_dir, monkeypatch) -> Path:
-    lib = build_dir / "libvopt_cuda.so"
-    monkeypatch.setenv("VOPT_CUDA_LIB", str(lib))
-    return lib
+pytestmark = pytest.mark.usefixtures("fresh_cuda_loader")
 
 
 # ---- the build --------------------------------------------------------------------
@@ -73,7 +56,8 @@ def test_cudart_is_linked_statically(built_lib):
     assert "libtorch" not in out.stdout and "libc10" not in out.stdout, out.stdout
 
 
-def test_rebuild_without_changes_is_a_no_op(build_dir):
+def test_rebuild_without_changes_is_a_no_op(cuda_build_dir):
+    build_dir = cuda_build_dir
     lib = build_dir / "libvopt_cuda.so"
     mtime = lib.stat().st_mtime_ns
     start = time.perf_counter()

@@ -36,18 +36,8 @@ from vopt.ops.sage_reference import (
 CUDA_INVALID_VALUE = 1
 
 
-@pytest.fixture(autouse=True)
-def _fresh_loader():
-    cuda_library.clear_cache()
-    yield
-    cuda_library.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cuda_loader")
 
-
-@pytest.fixture
-def built_lib(cuda_build_dir, monkeypatch) -> Path:
-    lib = cuda_build_dir / "libvopt_cuda.so"
-    monkeypatch.setenv("VOPT_CUDA_LIB", str(lib))
-    return lib
 
 
 # ---- C ABI ----------------------------------------------------------------------------------------------------

@@ -328,9 +328,9 @@ def test_concat_blocks_refuses_mismatched_blocks():
 
 
 @pytest.mark.gpu
-def test_fused_decode_uses_the_triton_kernel_on_gpu():
-    """On CUDA, VidKVLayer.decode_attention (no mask) runs the Triton kernel over the joined blocks: equal to the
-    torch reference over the block list. NOT run by vopt yet (no GPU here)."""
+def test_fused_decode_uses_a_fused_kernel_on_gpu():
+    """On CUDA, VidKVLayer.decode_attention (no mask) runs a fused kernel (the CUDA library's, else Triton) over the
+    joined blocks: equal to the torch reference over the block list. NOT run by vopt yet (no GPU here)."""
     from vopt.kvcache.cache import VidKVLayer
 
     g = _gen(22)

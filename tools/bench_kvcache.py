@@ -32,7 +32,9 @@ Method: shared/specs/kvcache.md §2 (honest bits) and §6.1, §6.4 (how to measu
      quantized caches and the VidKV reference do);
    * ``triton`` (same two): ``vopt.kernels.vidkv_decode.packed_decode_attention_triton`` on CUDA; on CPU Triton only
      runs in its interpreter, so it is **skipped on CPU unless** ``--interpret`` (then it is an interpreter timing,
-     not a performance number, and the row says so).
+     not a performance number, and the row says so);
+   * ``cuda`` (same two): ``vopt.kvcache.decode_cuda.packed_decode_attention_cuda`` (``libvopt_cuda.so``, tokens
+     split over CTAs flash-decoding style); GPU only.
 
    Per method a least-squares fit ``µs = slope·T/1000 + intercept`` (spec §6.4), the slope ratio vs FP16 and the
    break-even context (where it exists). ``max_abs_err``: output vs an fp32 SDPA over the same cache (dequantized
@@ -256,7 +258,22 @@ def latency_case(T: int, shape: dict, device: torch.device, dtype: torch.dtype, 
                 cases.append(("triton", sname,
                               lambda pk=pk, pv=pv: triton_mod.packed_decode_attention_triton(
                                   q, pk, pv, wk, wv, enable_gqa=True), ref, note))
+        cases.append(_cuda_case(q, pk, pv, wk, wv, sname, ref))
     return cases
+
+
+def _cuda_case(q, pk, pv, wk, wv, sname, ref) -> tuple:
+    """The ``cuda`` row: vopt.kvcache.decode_cuda (libvopt_cuda.so, split over tokens), or why it cannot run."""
+    try:
+        from vopt.kvcache import decode_cuda
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return ("cuda", sname, None, None, f"import failed: {type(exc).__name__}: {exc}")
+    why = decode_cuda.unsupported_reason(q, pk, pv, wk, wv, enable_gqa=True)
+    if why:
+        return ("cuda", sname, None, None, f"unsupported: {why}")
+    splits = decode_cuda.choose_splits(pk.shape[0] * pk.shape[1], pk.shape[2] + wk.shape[2], q.device)
+    return ("cuda", sname, lambda: decode_cuda.packed_decode_attention_cuda(q, pk, pv, wk, wv, enable_gqa=True),
+            ref, f"fused CUDA kernel, {splits} token splits")
 
 
 def run_latency(contexts: list, shape: dict, device: torch.device, dtype: torch.dtype, timer: Timer, rounds: int,

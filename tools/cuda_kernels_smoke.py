@@ -6,8 +6,10 @@
 SageAttention2: the quantizers and each kernel the library offers on this GPU (mma always; wgmma on sm_90) for every
 preset it serves, causal and not, GQA, ragged lengths and head dims 64/80/128. Block-sparse attention: a CCAM mask
 (dense mask, partial and dead tiles) and a random block mask without a dense mask (full tiles), fp16 and bf16.
+Packed VidKV/KIVI decode: KIVI-2 and VidKV recommended caches with a window, one and three token splits.
 Shapes are small enough for the sanitizer's slowdown. Prints one line per call and exits 0 if every call returned;
-correctness is the job of tests/test_sage_cuda.py and tests/test_block_sparse_cuda.py.
+correctness is the job of tests/test_sage_cuda.py, tests/test_block_sparse_cuda.py and
+tests/test_vidkv_decode_cuda.py.
 """
 from __future__ import annotations
 
@@ -64,6 +66,22 @@ def main() -> int:
             out = block_sparse_cuda.block_sparse_attention_cuda(q, k, v, bm, bq, bk, dense)
             torch.cuda.synchronize()
             print(f"ok   block_sparse {dtype} dense={dense is not None} finite={bool(torch.isfinite(out).all())}")
+    from vopt.kvcache import VidKVConfig, decode_cuda, kivi_config, quantize_keys, quantize_values
+
+    k = torch.randn(1, 2, 300, 64, generator=g).cuda().half()
+    v = torch.randn(1, 2, 300, 64, generator=g).cuda().half()
+    q = torch.randn(1, 4, 1, 64, generator=g).cuda().half()
+    for name, cfg in (("kivi", kivi_config()), ("vidkv", VidKVConfig())):
+        pk, pv = quantize_keys(k[:, :, :290], cfg), quantize_values(v[:, :, :290], cfg)
+        wk, wv = k[:, :, 290:], v[:, :, 290:]
+        why = decode_cuda.unsupported_reason(q, pk, pv, wk, wv, True)
+        for splits in (1, 3):
+            if why:
+                print(f"skip vidkv_decode {name}: {why}")
+                break
+            out = decode_cuda.packed_decode_attention_cuda(q, pk, pv, wk, wv, enable_gqa=True, splits=splits)
+            torch.cuda.synchronize()
+            print(f"ok   vidkv_decode {name} splits={splits} finite={bool(torch.isfinite(out).all())}")
     return 0
 
 

@@ -13,9 +13,10 @@
 #                sees a GPU, else the system python3) and make vopt importable (editable install,
 #                --no-deps, only if `import vopt.ops.axpy` fails; torch is never
 #                installed here)
-#   cuda-attn    python -m pytest -m gpu tests/test_sage_cuda.py tests/test_block_sparse_cuda.py (the hand-written
-#                attention kernels: SageAttention2 quantizers bit-exact, attention vs the reference, selection, graph
-#                replay; block-sparse vs the reference; first, as the newest code)
+#   cuda-attn    python -m pytest -m gpu tests/test_sage_cuda.py tests/test_block_sparse_cuda.py
+#                tests/test_vidkv_decode_cuda.py (the hand-written attention kernels: SageAttention2 quantizers
+#                bit-exact, attention vs the reference, selection, graph replay; block-sparse and packed VidKV/KIVI
+#                decode vs their references; first, as the newest code)
 #   sanitize     compute-sanitizer memcheck + racecheck on tools/cuda_kernels_smoke.py (small shapes, every kernel
 #                and preset); optional: skipped when compute-sanitizer is not installed
 #   pytest-gpu   python -m pytest -m gpu -q tests (the rest)
@@ -123,7 +124,7 @@ fi
 '
 
 # ---- 4. GPU tests: the SageAttention2 CUDA kernels first, compute-sanitizer on them, then the rest ----
-run_step cuda-attn 120 0 '"$PY" -m pytest -m gpu -q tests/test_sage_cuda.py tests/test_block_sparse_cuda.py --junitxml="$OUT/pytest-cuda-attn.xml"'
+run_step cuda-attn 120 0 '"$PY" -m pytest -m gpu -q tests/test_sage_cuda.py tests/test_block_sparse_cuda.py tests/test_vidkv_decode_cuda.py --junitxml="$OUT/pytest-cuda-attn.xml"'
 SANITIZER="$(command -v compute-sanitizer || true)"
 [[ -z "$SANITIZER" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 export SANITIZER
@@ -132,7 +133,7 @@ if [[ -n "$SANITIZER" ]]; then
 else
   SUMMARY+=("$(printf '%-12s %-22s %6s' sanitize "SKIPPED (not installed)" 0)")
 fi
-run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --ignore=tests/test_sage_cuda.py --ignore=tests/test_block_sparse_cuda.py --junitxml="$OUT/pytest-gpu.xml"'
+run_step pytest-gpu 240 0 '"$PY" -m pytest -m gpu -q tests --ignore=tests/test_sage_cuda.py --ignore=tests/test_block_sparse_cuda.py --ignore=tests/test_vidkv_decode_cuda.py --junitxml="$OUT/pytest-gpu.xml"'
 
 # ---- 5. kernel benchmark ----
 run_step bench 90 0 '"$PY" tools/bench_kernels.py --out "$OUT/bench_kernels.json" --force'

@@ -68,6 +68,21 @@ class BlockSparseAttnParams(ctypes.Structure):
         ("scale", ctypes.c_float), ("dtype", _I32),
     ]
 
+class VidKVDecodeParams(ctypes.Structure):
+    """``vopt_vidkv_decode_params`` of cuda/vopt_cuda.h, field for field (checked against the C layout in tests)."""
+
+    _fields_ = [
+        *((name, _VOIDP) for name in ("q", "qa", "qb", "ka_words", "ka_scale", "ka_zero", "kb_words", "kb_scale",
+                                      "kb_zero", "k_res", "v_words", "v_scale", "v_zero", "v_res", "out",
+                                      "workspace")),
+        *((name, _I64) for name in ("bh", "m", "d", "dv", "ka", "kb", "tqk", "tqv", "n", "gk", "gv", "splits")),
+        ("qk_scale", ctypes.c_float),
+        *((name, _I32) for name in ("meta_dtype", "kb_pm", "v_per_token", "v_codec", "v_has_scale")),
+    ]
+
+
+_VIDKV_PARAMS_P = ctypes.POINTER(VidKVDecodeParams)
+
 # symbol -> (restype, argtypes): every function the library exports.
 SIGNATURES: dict = {
     "vopt_cuda_abi_version": (ctypes.c_int, ()),
@@ -99,6 +114,9 @@ SIGNATURES: dict = {
     "vopt_sage_attn_fwd": (ctypes.c_int, (_SAGE_PARAMS_P, _VOIDP)),
     "vopt_block_sparse_attn_params_size": (ctypes.c_int64, ()),
     "vopt_block_sparse_attn_fwd": (ctypes.c_int, (ctypes.POINTER(BlockSparseAttnParams), _VOIDP)),
+    "vopt_vidkv_decode_params_size": (ctypes.c_int64, ()),
+    "vopt_vidkv_decode_workspace_bytes": (ctypes.c_int, (_VIDKV_PARAMS_P, ctypes.POINTER(_I64))),
+    "vopt_vidkv_decode_fwd": (ctypes.c_int, (_VIDKV_PARAMS_P, _VOIDP)),
 }
 
 

@@ -8,7 +8,8 @@ Spec: ``shared/specs/kvcache.md``. Importing it loads torch and nothing heavier.
 * :mod:`.accounting`: :func:`account` -> :class:`KVAccount` (bytes and bits per element by category).
 * :mod:`.decode_attention`: :func:`packed_decode_attention`, exact attention of decode queries over packed blocks +
   a full-precision window, computed on the codes (2-bit channels on integer codes, FFT-sign keys in the frequency
-  domain); the oracle of the Triton kernel ``vopt.kernels.vidkv_decode``.
+  domain); the oracle of the fused kernels (Triton ``vopt.kernels.vidkv_decode``, CUDA :mod:`.decode_cuda`, both
+  fed by :mod:`.fused_decode_args`).
 * :mod:`.salience`: :func:`salient_visual_tokens` and its scores :func:`by_text_similarity` (the reference STP score,
   §1.4), :func:`by_last_token_attention`, :func:`by_random` (control), :func:`top_fraction`: which visual tokens to
   keep in full precision (``VidKVCache(protected=...)``; the ``vidkv`` pass's ``protect_salient``).

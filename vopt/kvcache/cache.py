@@ -323,7 +323,7 @@ class VidKVLayer(DynamicLayer):
         wv = window_v if window_v.shape[2] else None
         gqa = query.shape[1] != window_k.shape[1]
         if query.is_cuda and pks and attn_mask is None:
-            out = self._triton_decode(query, wk, wv, scale, gqa)
+            out = self._fused_decode(query, wk, wv, scale, gqa)
             if out is not None:
                 return out
         return packed_decode_attention(query, pks or None, pvs or None, wk, wv, scale=scale, enable_gqa=gqa,
@@ -341,15 +341,21 @@ class VidKVLayer(DynamicLayer):
             self._merged = cached = (current, pk, pv)
         return cached[1], cached[2]
 
-    def _triton_decode(self, query, window_k, window_v, scale, gqa) -> Optional[torch.Tensor]:
-        """The fused Triton kernel over :meth:`merged_blocks` + window (CUDA, no mask), or None with the reason
-        logged once."""
+    def _fused_decode(self, query, window_k, window_v, scale, gqa) -> Optional[torch.Tensor]:
+        """A fused kernel over :meth:`merged_blocks` + window (CUDA, no mask): the CUDA library's
+        (:mod:`vopt.kvcache.decode_cuda`), else the Triton one, else None; each refusal is logged once."""
+        from . import decode_cuda
+
+        pk, pv = self.merged_blocks()
+        why = decode_cuda.unsupported_reason(query, pk, pv, window_k, window_v, gqa)
+        if why is None:
+            return decode_cuda.packed_decode_attention_cuda(query, pk, pv, window_k, window_v, scale, gqa)
+        _log_once(f"vidkv fused decode: CUDA kernel refused ({why}); trying Triton")
         try:
             from vopt.kernels import vidkv_decode as kd
         except ImportError as exc:  # pragma: no cover - triton missing
             _log_once(f"vidkv fused decode: Triton unavailable ({exc}); torch reference used")
             return None
-        pk, pv = self.merged_blocks()
         why = kd.unsupported_reason(query, pk, pv, window_k, window_v, gqa)
         if why is not None:
             _log_once(f"vidkv fused decode: Triton kernel refused ({why}); torch reference used")

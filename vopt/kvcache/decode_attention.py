@@ -32,7 +32,8 @@ dequantized K or V (``[B, H, T, D]``) are never formed. Everything runs in float
 the result is in ``query.dtype``. Differences to the definition: summation order, and that the definition rounds
 the dequantized K/V to ``pk.dtype`` (e.g. fp16) while this computes in fp32 (so the fp16 case agrees to fp16
 rounding, the fp32 case to ~1e-6, ~1e-4 with outlier channels whose logits reach ~1e2).
-:mod:`vopt.kernels.vidkv_decode` is the fused Triton kernel (KIVI-2 and VidKV layouts).
+:mod:`vopt.kernels.vidkv_decode` (Triton) and :mod:`vopt.kvcache.decode_cuda` (CUDA) are the fused kernels
+(KIVI-2 and VidKV layouts).
 Inputs are never modified.
 """
 from __future__ import annotations
