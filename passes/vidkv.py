@@ -15,6 +15,12 @@ model that can generate (a transformers ``GenerationMixin`` whose ``can_generate
    ``cache_implementation``. A caller-supplied cache always wins. ``optimized.generate(**inputs)`` reaches the
    wrapper through ``OptimizedModel.__getattr__`` (and ``CapturedStage.__getattr__`` when the root is a stage).
 
+Streaming models (VideoLLM-online's protocol: no ``generate``, but ``model.new_cache()`` hands the caller a persistent
+cache that ``model.language_model`` extends frame after frame and answer after answer): the pass shadows
+``new_cache`` on the working copy instead, so the stream's cache is a fresh :class:`VidKVCache` (append-only packed
+blocks, full-precision window, ``protect_first``). Prompt-dependent protection (``protect_text``,
+``protect_salient``) and ``fused_decode`` are not applied to a stream (the match says so).
+
 The numerics are the nested :class:`~vopt.kvcache.VidKVConfig` (``mode='recommended'`` by default;
 ``mode='reference'``; KIVI-2 is ``vidkv=kivi_config()`` or its fields); ``flush`` picks the update policy
 (``'append'``, recommended, or the reference's ``'requantize'``). ``residual_length`` is the full-precision
@@ -63,7 +69,8 @@ Why **not a default pass**: KV quantization changes generated tokens after the f
 ``vopt.optimize(model, passes=["vidkv"])``.
 
 Report: one :class:`Match` per decoder layer (``language_model.layers.<i>``, ``what`` = the cache settings), or one
-skipped match with the reason (no ``generate``, no ``num_hidden_layers``, non-full-attention layers).
+skipped match with the reason (no ``generate`` and no streaming ``new_cache``, no ``num_hidden_layers``,
+non-full-attention layers).
 """
 from __future__ import annotations
 
@@ -340,6 +347,27 @@ def _supports_layer0_attention(decoder) -> bool:
     return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "head_dim")) and hasattr(layers[0], "input_layernorm")
 
 
+def _streaming_language_model(model) -> Optional[torch.nn.Module]:
+    """The decoder of a streaming model (VideoLLM-online's protocol: ``model.new_cache()`` hands the caller a
+    persistent cache that ``model.language_model`` extends frame after frame), or None."""
+    lm = getattr(model, "language_model", None)
+    if callable(getattr(model, "new_cache", None)) and isinstance(lm, torch.nn.Module) and hasattr(lm, "config"):
+        return lm
+    return None
+
+
+def _wrap_new_cache(model) -> None:
+    """Shadow ``new_cache`` on this instance: the streaming cache becomes a fresh :class:`VidKVCache` from the factory
+    (:data:`FACTORY_ATTR`), so every frame and answer appended to it is stored packed. Class untouched."""
+
+    def new_cache(self):
+        return getattr(self, FACTORY_ATTR)()
+
+    new_cache.__doc__ = "A fresh VidKVCache for stream()/respond() (installed by the vidkv pass)."
+    setattr(new_cache, _WRAPPED, True)
+    model.new_cache = types.MethodType(new_cache, model)
+
+
 def _wrap_generate(model) -> None:
     """Shadow ``generate`` on this instance with a method that adds ``cache=<fresh VidKVCache>`` (module docstring).
 
@@ -377,11 +405,14 @@ class VidKVPass(Pass):
         result = PassResult(self.name, "model")
         kind = type(model).__name__
         can = getattr(model, "can_generate", None)
+        streaming = None
         if not callable(getattr(model, "generate", None)) or not (callable(can) and can()):
-            result.matches.append(Match("model", kind, rewritten=False,
-                                        reason="the model has no transformers generate() (no KV cache to replace)"))
-            return result
-        config = getattr(model, "config", None)
+            streaming = _streaming_language_model(model)
+            if streaming is None:
+                result.matches.append(Match("model", kind, rewritten=False, reason=(
+                    "the model has no transformers generate() and no streaming new_cache() (no KV cache to replace)")))
+                return result
+        config = streaming.config if streaming is not None else getattr(model, "config", None)
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n = getattr(text, "num_hidden_layers", None)
         if not isinstance(n, int) or n < 1:
@@ -393,9 +424,13 @@ class VidKVPass(Pass):
             result.matches.append(Match("model", kind, rewritten=False,
                                         reason=f"non-full-attention layers {other} are not supported"))
             return result
-        if getattr(model.generate, _WRAPPED, False):
-            result.matches.append(Match("model", kind, rewritten=False, reason="generate() is already wrapped"))
+        entry = model.new_cache if streaming is not None else model.generate
+        if getattr(entry, _WRAPPED, False):
+            result.matches.append(Match("model", kind, rewritten=False,
+                                        reason=f"{entry.__name__}() is already wrapped"))
             return result
+        if streaming is not None:
+            return self._run_streaming(model, streaming, n, ctx, result)
         c = self.config
         v = c.vidkv
         what = (f"VidKVLayer mode={v.mode.value} K{v.anomalous_fraction:g}x2bit G={v.key_group_size} "
@@ -430,6 +465,30 @@ class VidKVPass(Pass):
             _wrap_generate(model)
             if decoder is not None:
                 decoder.register_forward_pre_hook(_salience_pre_hook, with_kwargs=True)
+        for i in range(n):
+            result.matches.append(Match(f"language_model.layers.{i}", what, rewritten=True))
+        return result
+
+    def _run_streaming(self, model, lm, n: int, ctx: PassContext, result: PassResult) -> PassResult:
+        """VideoLLM-online-style streaming: ``new_cache()`` returns a VidKVCache (frames and answers append to it).
+
+        Prompt-dependent protection (``protect_text``, ``protect_salient``) needs the prompt ids, which a stream
+        does not have up front, and the fused decode attention function is not installed on a bare decoder: those
+        options are reported as not applied; the cache itself (append-only packed blocks, full-precision window,
+        ``protect_first``) works as with ``generate``.
+        """
+        c = self.config
+        v = c.vidkv
+        what = (f"streaming new_cache(): VidKVLayer mode={v.mode.value} K{v.anomalous_fraction:g}x2bit "
+                f"G={v.key_group_size} V={v.value_codec.value}/{v.value_axis.value} R={c.residual_length} "
+                f"protect_first={c.protect_first} flush={c.flush}")
+        ignored = [name for name, on in (("protect_text", c.protect_text), ("protect_salient", c.protect_salient > 0),
+                                         ("fused_decode", c.fused_decode)) if on]
+        if ignored:
+            what += f" (not applied to a stream: {', '.join(ignored)})"
+        if not ctx.dry_run:
+            setattr(model, FACTORY_ATTR, VidKVCacheFactory(lm.config, c))
+            _wrap_new_cache(model)
         for i in range(n):
             result.matches.append(Match(f"language_model.layers.{i}", what, rewritten=True))
         return result

@@ -276,6 +276,33 @@ def test_pass_skips_models_without_generate():
     assert not res.rewritten and "generate" in res.skipped[0].reason
 
 
+def test_pass_gives_videollm_online_a_packed_streaming_cache():
+    """VideoLLM-online streams frames onto a caller-owned cache from ``new_cache()``: the pass makes that a
+    VidKVCache on the working copy only, and streaming through the optimized model equals streaming the original
+    onto the same kind of cache (the cache appends frame after frame: packed blocks plus the window)."""
+    from vopt import zoo
+
+    m = zoo.build("videollm-online", size="tiny").model.eval()
+    vk = VidKVConfig(key_group_size=8, value_group_size=8)
+    pc = VidKVPassConfig(vidkv=vk, residual_length=8, protect_text=True)
+    opt = vopt.optimize(m, vopt.OptimizeConfig(pass_configs={"vidkv": pc}), passes=["vidkv"])
+    res = next(r for r in opt.report.runtime_results if r.pass_name == "vidkv")
+    assert len(res.rewritten) == m.language_model.config.num_hidden_layers
+    assert "streaming" in res.rewritten[0].what and "not applied to a stream: protect_text" in res.rewritten[0].what
+    assert "new_cache" not in vars(m) and not hasattr(m, FACTORY_ATTR)
+    cache = opt.new_cache()
+    assert isinstance(cache, VidKVCache)
+    frames = torch.randn(1, 5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref_cache = VidKVCache(m.language_model.config, vk, residual_length=8)
+    with torch.no_grad():
+        got = list(opt.stream(frames, cache))
+        want = list(m.stream(frames, ref_cache))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(opt.respond(got[-1], cache, 3), m.respond(want[-1], ref_cache, 3))
+    assert cache.get_seq_length() == 5 * (1 + m.tokens_per_frame) + 3  # 5 frames, then 3 answer tokens
+    assert cache.account().codes > 0  # frames were packed, not only windowed
+
+
 # ---- the trained tiny video model ------------------------------------------------------------------------------
 def _decode_step_answer(model, inp, cache):
     """The answer token computed by a decode step: prefill the prompt minus its last token, then that token."""
