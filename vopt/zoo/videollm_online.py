@@ -223,12 +223,14 @@ register(ZooEntry(
     paper="VideoLLM-online: Online Video Large Language Model for Streaming Video",
     backbone="SigLIP-L/16-384 (CLS + 3x3 pooled = 10 tokens/frame) + MLP + Llama-3-8B-Instruct, streaming at 2 fps",
     stages=("vision", "connector", "language_model"),
-    passes=("canonicalize_attention", "sdpa", "sageattention2", "vidkv"),
+    passes=("canonicalize_attention", "sdpa", "sageattention2", "vidkv", "holitom"),
     build=build,
     notes=("Own wrapper over SiglipVisionModel (MAP head = the CLS token; its nn.MultiheadAttention keeps need_weights=True, "
            "so it exports as bmm-softmax-bmm) and LlamaForCausalLM; the LoRA (r 128) is not built (merged-weight "
            "equivalent). 11 LLM tokens per frame (interval ',' + 10 visual); full default 1200 frames = 10 min at 2 fps "
            "(13.2k tokens). stream()/respond() prefill and decode on a caller-owned DynamicCache (those calls run the "
            "language model eagerly: a cache cannot cross an export boundary). The paper's Llama-2 variants are not "
-           "built. HoliTom applies only as causal frame skipping; CCAM does not apply."),
+           "built. HoliTom merges each streamed frame (prefill_frame: the MAP-head token kept, tokens static against the "
+           "previous frame dropped first, the rest clustered to the per-frame budget; the whole-stream forward() is not "
+           "merged); vidkv makes new_cache() a packed VidKVCache; CCAM does not apply."),
 ))

@@ -1,0 +1,157 @@
+"""The ``holitom`` pass on VideoLLM-online's stream: per-frame merging before each frame is prefilled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vopt
+from vopt import zoo
+from vopt.merging import HoliTomConfig
+from vopt.optimize import OptimizeConfig
+from vopt.passes.holitom import (STATS_ATTR, STREAM_STATE_ATTR, HoliTomPassConfig, stream_frame_budget,
+                                 stream_frame_merge)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return zoo.build("videollm-online", size="tiny").model.eval()
+
+
+def _opt(model, retain=0.5, **kw):
+    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
+    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+
+
+def _match(opt):
+    (res,) = [r for r in opt.report.runtime_results if r.pass_name == "holitom"]
+    (m,) = res.matches
+    return m
+
+
+def _frames(t=5, seed=0):
+    return torch.randn(1, t, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_retain_one_is_bit_identical(base):
+    opt = _opt(base, retain=1.0)
+    m = _match(opt)
+    assert m.rewritten and "streaming prefill_frame()" in m.what and "5 of 5 tokens" in m.what
+    assert "forward() (whole-stream embedding) unmerged" in m.what
+    frames = _frames()
+    c, ref = opt.new_cache(), base.new_cache()
+    with torch.no_grad():
+        got, want = list(opt.stream(frames, c)), list(base.stream(frames, ref))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(opt.respond(got[-1], c, 4), base.respond(want[-1], ref, 4))
+    assert c.get_seq_length() == ref.get_seq_length()
+
+
+def test_half_budget_shrinks_cache_exactly_and_respond_works(base, capsys):
+    opt = _opt(base, retain=0.5)
+    n = base.tokens_per_frame
+    k = stream_frame_budget(HoliTomConfig(retain_ratio=0.5), n)
+    assert (n, k) == (5, 3)  # ceil(0.5 * 5): CLS + 2 merged patch tokens
+    assert f"{k} of {n} tokens" in _match(opt).what
+    c = opt.new_cache()
+    lengths = []
+    with torch.no_grad():
+        for logits in opt.stream(_frames(6), c):
+            assert logits.shape == (1, base.language_model.config.vocab_size) and torch.isfinite(logits).all()
+            lengths.append(c.get_seq_length())
+        assert lengths == [(1 + k) * (i + 1) for i in range(6)]
+        ans = opt.respond(logits, c, 3)
+    eos = int(ans[0, -1]) == base.language_model.config.eos_token_id
+    assert c.get_seq_length() == 6 * (1 + k) + ans.shape[1] - eos  # answers extend the shortened cache
+    st = getattr(opt, STATS_ATTR)
+    assert (st.calls, st.tokens_before, st.tokens_after) == (6, 6 * n, 6 * k)
+    assert "first frame: tokens 5 -> 3" in _match(opt).what
+    with capsys.disabled():
+        print(f"\n[holitom stream] tiny VideoLLM-online, 6 frames, retain 0.5: visual tokens {st.tokens_before} -> "
+              f"{st.tokens_after}, cache {6 * (1 + n)} -> {lengths[-1]} after the frames "
+              f"(static tokens {st.static_tokens})")
+
+
+def _kept(opt, frames, cache):
+    """Per frame: the kept patch tokens the stream state recorded (row 0)."""
+    state = getattr(opt, STREAM_STATE_ATTR)
+    out = []
+    with torch.no_grad():
+        for _ in opt.stream(frames, cache):
+            out.append(state.prev[cache][0][0].clone())
+    return out
+
+
+def test_static_stream_merges_temporally_and_new_cache_restarts(base):
+    opt = _opt(base, retain=0.5)
+    st = getattr(opt, STATS_ATTR)
+    frame = _frames(1, seed=3)
+    static = frame.expand(1, 4, 3, 64, 64)
+    kept = _kept(opt, static, opt.new_cache())
+    # Frames 1..3 repeat frame 0: every patch token is static; the kept tokens are frame 0's.
+    assert st.static_tokens == 3 * (base.tokens_per_frame - 1)
+    assert all(torch.equal(x, kept[0]) for x in kept[1:])
+    # A moving stream has (at most) few static tokens.
+    before = st.static_tokens
+    _kept(opt, _frames(4, seed=4), opt.new_cache())
+    moving = st.static_tokens - before
+    assert moving < 3 * (base.tokens_per_frame - 1)
+    # A fresh cache starts fresh: its first frame has no temporal neighbour (nothing static), and its first logits
+    # equal the first stream's first logits.
+    before = st.static_tokens
+    c1, c2 = opt.new_cache(), opt.new_cache()
+    with torch.no_grad():
+        a = next(iter(opt.stream(frame, c1)))
+        b = next(iter(opt.stream(frame, c2)))
+    assert st.static_tokens == before and torch.equal(a, b)
+    assert len(getattr(opt, STREAM_STATE_ATTR).prev) >= 2  # one state per live cache
+
+
+def test_callers_model_untouched(base):
+    params = {k: v.clone() for k, v in base.state_dict().items()}
+    opt = _opt(base, retain=0.5)
+    with torch.no_grad():
+        list(opt.stream(_frames(2), opt.new_cache()))
+    assert not {"prefill_frame", STATS_ATTR, STREAM_STATE_ATTR} & set(vars(base))
+    assert all(torch.equal(params[k], v) for k, v in base.state_dict().items())
+    c = base.new_cache()
+    with torch.no_grad():
+        list(base.stream(_frames(2), c))
+    assert c.get_seq_length() == 2 * (1 + base.tokens_per_frame)
+
+
+def test_unsupported_stream_options_are_skipped(base):
+    m = _match(_opt(base, retain=0.5, inner_layer=1))
+    assert not m.rewritten and "inner-LLM stage" in m.reason
+
+
+def test_frame_merge_is_weighted_mean_budget_exact_and_drops_static_first():
+    g = torch.Generator().manual_seed(0)
+    cfg = HoliTomConfig(retain_ratio=0.5, tau=0.8)
+    frame = torch.randn(10, 16, generator=g)  # CLS + 9 patches
+    for k in range(1, 11):
+        r = stream_frame_merge(frame, None, k, cfg)
+        assert r.tokens.shape == (k, 16) and torch.equal(r.tokens[0], frame[0])  # CLS untouched
+        if k < 10:
+            kept = r.assign >= 0
+            # Each kept patch token is the weighted mean of its members (weights summing to 1).
+            rebuilt = torch.zeros(k - 1, 16).index_add_(0, r.assign[kept], r.coeff[kept, None] * frame[1:][kept])
+            sums = torch.zeros(k - 1).index_add_(0, r.assign[kept], r.coeff[kept])
+            assert torch.allclose(rebuilt, r.tokens[1:], atol=1e-6) and torch.allclose(sums, torch.ones(k - 1))
+    # Patches 1..6 repeat the previous frame's kept tokens (static); 7..9 are new: with k - 1 = 3 slots the three
+    # dynamic tokens are kept as they are and the static ones are dropped.
+    prev = torch.randn(6, 16, generator=g)
+    cur = torch.cat([frame[:1], prev, torch.randn(3, 16, generator=g)])
+    r = stream_frame_merge(cur, prev, 4, cfg)
+    assert r.static.tolist() == [True] * 6 + [False] * 3
+    assert torch.equal(r.tokens[1:], cur[7:]) and (r.assign[:6] == -1).all()
+    # Fewer dynamic tokens than slots: the dynamic ones are kept, the static ones fill the rest (merged).
+    r = stream_frame_merge(cur, prev, 6, cfg)
+    assert r.tokens.shape == (6, 16) and torch.equal(r.tokens[1:4], cur[7:]) and (r.assign[:6] >= 3).all()
