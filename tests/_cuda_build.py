@@ -117,3 +117,39 @@ def sass_functions(lib: Path, arch: str, word: str) -> dict:
         elif name is not None:
             funcs[name].append(line)
     return {n: "\n".join(body) for n, body in funcs.items() if word.lower() in n.lower()}
+
+
+def cuda_include_dir() -> Optional[Path]:
+    """The CUDA toolkit's include directory (for the host-side fp16/bf16/fp8 types), or None."""
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = find_nvcc()
+    if nvcc:
+        cands.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_fp8.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+def build_emulated(source: Path, harness: Path, out: Path, start: str, replace: tuple = ()):
+    """Compile ``source``'s device code (from ``start`` to "// ---- host side ----", verbatim, as kern.inc) into the
+    host-C++ emulation ``harness`` (tests/cuda_emu/) and load it with ctypes; skips the test without a C++20
+    compiler or the CUDA headers. ``replace``: (old, new) edits of the extracted source (each must apply)."""
+    import ctypes
+
+    import pytest
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    inc = cuda_include_dir()
+    if cxx is None or inc is None:
+        pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h)")
+    text = source.read_text()
+    kern = text[text.index(start):text.index("\n// ---- host side ----")]
+    for old, new in replace:
+        assert old in kern, f"{source.name}: {old!r} not found: update the emulation harness"
+        kern = kern.replace(old, new)
+    (out / "kern.inc").write_text(kern + "\n}  // namespace\n")
+    lib = out / f"lib{harness.stem}.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{out}", f"-I{inc}",
+                    f"-I{ROOT / 'cuda'}", str(harness), "-o", str(lib), "-lpthread"], check=True, capture_output=True)
+    return ctypes.CDLL(str(lib))

@@ -9,15 +9,12 @@ element, or [B, L, H, D] in memory. The GPU tests (tests/test_sage_cuda.py) chec
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from _cuda_build import ROOT, find_nvcc
+from _cuda_build import ROOT, build_emulated
 from vopt.ops import sage_reference as R
 
 SOURCE = ROOT / "cuda" / "sage_quant.cu"
@@ -25,33 +22,10 @@ HARNESS = Path(__file__).resolve().parent / "cuda_emu" / "sage_quant_emu.cpp"
 PERM16 = [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
 
 
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
-    nvcc = find_nvcc()
-    if nvcc:
-        cands.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_fp8.h").is_file():
-            return Path(c) / "include"
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    inc = _cuda_include()
-    if cxx is None or inc is None:
-        pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, cuda_fp8.h)")
-    text = SOURCE.read_text()
-    start, end = text.index("\nnamespace {\n"), text.index("\n// ---- host side ----")
-    kern = text[start:end].replace("extern __shared__ uint4 tile_s[];", "uint4* tile_s = g_dyn_smem;")
-    assert kern != text[start:end], "sage_quant.cu's dynamic shared-memory declaration changed: update the harness"
-    out = tmp_path_factory.mktemp("sage-quant-emu")
-    (out / "kern.inc").write_text(kern + "\n}  // namespace\n")
-    lib = out / "libsage_quant_emu.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{out}", f"-I{inc}",
-                    f"-I{ROOT / 'cuda'}", str(HARNESS), "-o", str(lib), "-lpthread"], check=True, capture_output=True)
-    so = ctypes.CDLL(str(lib))
+    so = build_emulated(SOURCE, HARNESS, tmp_path_factory.mktemp("sage-quant-emu"), "\nnamespace {\n",
+                        replace=(("extern __shared__ uint4 tile_s[];", "uint4* tile_s = g_dyn_smem;"),))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     so.emu_quant_qk.argtypes = [ctypes.c_int, ctypes.c_int, ptr] + [i64] * 8 + [ctypes.c_int] * 3 + [
         ctypes.c_float, ptr, ptr, ptr, ptr, ctypes.c_int]

@@ -19,15 +19,14 @@ summation order (exp2f is the MUFU approximation there).
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from _cuda_build import ROOT, find_nvcc
+from _cuda_build import ROOT, build_emulated
+from vopt import cuda_library
 from vopt.kvcache import VidKVConfig, kivi_config, quantize_keys, quantize_values
 from vopt.kvcache.decode_attention import packed_decode_attention
 from vopt.kvcache.fused_decode_args import fused_decode_args
@@ -35,45 +34,14 @@ from vopt.kvcache.fused_decode_args import fused_decode_args
 SOURCE = ROOT / "cuda" / "vidkv_decode.cu"
 HARNESS = Path(__file__).resolve().parent / "cuda_emu" / "vidkv_decode_emu.cpp"
 F = torch.nn.functional
-
-
-class Params(ctypes.Structure):  # vopt_vidkv_decode_params (cuda/vopt_cuda.h)
-    _fields_ = [(n, ctypes.c_void_p) for n in (
-        "q", "qa", "qb", "ka_words", "ka_scale", "ka_zero", "kb_words", "kb_scale", "kb_zero", "k_res", "v_words",
-        "v_scale", "v_zero", "v_res", "out", "workspace")] + [
-        (n, ctypes.c_int64) for n in ("bh", "m", "d", "dv", "ka", "kb", "tqk", "tqv", "n", "gk", "gv", "splits")] + [
-        ("qk_scale", ctypes.c_float)] + [
-        (n, ctypes.c_int32) for n in ("meta_dtype", "kb_pm", "v_per_token", "v_codec", "v_has_scale")]
-
-
-def _cuda_include() -> Path | None:
-    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
-    nvcc = find_nvcc()
-    if nvcc:
-        cands.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    for c in cands:
-        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
-            return Path(c) / "include"
-    return None
+Params = cuda_library.VidKVDecodeParams  # the ABI struct (its C layout is tested in test_vidkv_decode_cuda.py)
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    inc = _cuda_include()
-    if cxx is None or inc is None:
-        pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h, cuda_bf16.h)")
-    text = SOURCE.read_text()
-    start = text.index("\n// ---- device code ----\nnamespace {\n")
-    end = text.index("\n// ---- host side ----")
-    kern = text[start:end]
-    assert "extern __shared__" not in kern, "vidkv_decode.cu gained dynamic shared memory: update the harness"
-    out = tmp_path_factory.mktemp("vidkv-decode-emu")
-    (out / "kern.inc").write_text(kern + "\n}  // namespace\n")
-    lib = out / "libvidkv_decode_emu.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", f"-I{out}", f"-I{inc}",
-                    f"-I{ROOT / 'cuda'}", str(HARNESS), "-o", str(lib), "-lpthread"], check=True, capture_output=True)
-    so = ctypes.CDLL(str(lib))
+    so = build_emulated(SOURCE, HARNESS, tmp_path_factory.mktemp("vidkv-decode-emu"),
+                        "\n// ---- device code ----\nnamespace {\n")
+    assert not re.search(r"extern\s+__shared__", SOURCE.read_text()), "dynamic shared memory: update the harness"
     so.emu_vidkv_params_size.restype = ctypes.c_int64
     so.emu_vidkv_decode.argtypes = [ctypes.POINTER(Params)]
     assert so.emu_vidkv_params_size() == ctypes.sizeof(Params), "Params differs from vopt_vidkv_decode_params"
