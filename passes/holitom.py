@@ -606,6 +606,38 @@ def _record(model, stats: HoliTomStats, mi: MergedInputs, match: Match) -> None:
                        f"({after / before:.1%})")
 
 
+def _shadow(model, name: str, fn, doc: str, signature=None) -> None:
+    """Install ``fn`` as ``model.<name>`` on this instance only (a bound method in the instance dict; the class and
+    transformers untouched; ``copy.deepcopy`` rebinds it), marked as this pass's wrapper."""
+    fn.__doc__ = doc
+    if signature is not None:
+        fn.__signature__ = signature
+    setattr(fn, _WRAPPED, True)
+    setattr(model, name, types.MethodType(fn, model))
+
+
+def _right_padded(mask) -> bool:
+    """Whether a caller's ``attention_mask`` ends with padding in some row."""
+    return isinstance(mask, torch.Tensor) and bool((mask[:, -1] == 0).any())
+
+
+def _restore_logits(out, cfg: HoliTomPassConfig, ids: torch.Tensor, index: torch.Tensor, attention_mask, keep) -> None:
+    """``logits='original'``: scatter the shortened sequence's logits back to the caller's ``[B, L]`` layout (new
+    token j of row b at ``index[b, j]``; dropped slots and added padding hold zeros; full-sequence logits only).
+    ``logits='compact'``: leave them and expose the new ``attention_mask`` on the output."""
+    logits = getattr(out, "logits", None)
+    if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3
+            and isinstance(keep, int) and keep == 0 and logits.shape[1] == index.shape[1]):
+        B, L = ids.shape
+        full = logits.new_zeros(B, L, logits.shape[-1])
+        ok = index >= 0
+        rows = torch.arange(B, device=logits.device)[:, None].expand_as(index)
+        full[rows[ok], index[ok]] = logits[ok]
+        out.logits = full
+    elif cfg.logits == "compact":
+        out.attention_mask = attention_mask
+
+
 def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``generate`` on this instance: a call with ``pixel_values_videos`` and ``input_ids`` is turned into
     ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>)`` (spec §3 Option A). transformers 5.x's own
@@ -640,10 +672,8 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         _record(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
-    generate.__doc__ = ("HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new tokens when it "
-                        f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
-    setattr(generate, _WRAPPED, True)
-    model.generate = types.MethodType(generate, model)
+    _shadow(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new "
+            f"tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
 
 
 def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -679,33 +709,19 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
             kwargs["position_ids"] = None
         out = cls_forward(self, **kwargs)
         _record(self, stats, mi, match)
-        logits = getattr(out, "logits", None)
-        keep = kwargs.get("logits_to_keep", 0)
-        if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3
-                and isinstance(keep, int) and keep == 0 and logits.shape[1] == mi.index.shape[1]):
-            B, L = ids.shape
-            full = logits.new_zeros(B, L, logits.shape[-1])
-            rows = torch.arange(B, device=logits.device)[:, None].expand_as(mi.index)
-            ok = mi.index >= 0
-            idx = mi.index
-            full[rows[ok], idx[ok]] = logits[ok]
-            out.logits = full
-        elif cfg.logits == "compact":
-            out.attention_mask = mi.attention_mask
+        _restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
         out.holitom = HoliTomCallInfo(mi.input_ids, mi.attention_mask, mi.index, mi.tokens_before,
                                       mi.tokens_after, mi.merges)
         return out
 
-    forward.__doc__ = f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}"
     sig = inspect.signature(cls_forward)  # generate() validates its kwargs against it
     if cfg.inner_layer is not None:  # ... and must let the visual-token mask through to every forward
         params = list(sig.parameters.values())
         extra = inspect.Parameter(TOKENS_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
         at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
         sig = sig.replace(parameters=params[:at] + [extra] + params[at:])
-    forward.__signature__ = sig
-    setattr(forward, _WRAPPED, True)
-    model.forward = types.MethodType(forward, model)  # instance attribute: the class (and transformers) untouched
+    _shadow(model, "forward", forward,
+            f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}", sig)
 
 
 # ---- Qwen2-VL (GPT4Scene) outer stage ------------------------------------------------------------------------------
@@ -948,26 +964,14 @@ def _wrap_forward_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
         out = cls_forward(self, **kwargs)
         self.model.rope_deltas = mi.rope_deltas   # decode steps: position = cache length + delta (= max kept + 1)
         _record(self, stats, mi, match)
-        logits = getattr(out, "logits", None)
-        keep = kwargs.get("logits_to_keep", 0)
-        if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3
-                and isinstance(keep, int) and keep == 0 and logits.shape[1] == mi.index.shape[1]):
-            B, L = ids.shape
-            full = logits.new_zeros(B, L, logits.shape[-1])
-            ok = mi.index >= 0
-            rows = torch.arange(B, device=logits.device)[:, None].expand_as(mi.index)
-            full[rows[ok], mi.index[ok]] = logits[ok]
-            out.logits = full
-        elif cfg.logits == "compact":
-            out.attention_mask = mi.attention_mask
+        _restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
         out.holitom = HoliTomCallInfo(mi.input_ids, mi.attention_mask, mi.index, mi.tokens_before, mi.tokens_after,
                                       mi.merges, mi.position_ids, mi.rope_deltas)
         return out
 
-    forward.__doc__ = f"HoliTom-merging ``forward`` (vopt pass 'holitom', Qwen2-VL).\n\n{cls_forward.__doc__ or ''}"
-    forward.__signature__ = inspect.signature(cls_forward)
-    setattr(forward, _WRAPPED, True)
-    model.forward = types.MethodType(forward, model)
+    _shadow(model, "forward", forward,
+            f"HoliTom-merging ``forward`` (vopt pass 'holitom', Qwen2-VL).\n\n{cls_forward.__doc__ or ''}",
+            inspect.signature(cls_forward))
 
 
 def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -984,8 +988,7 @@ def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
         if not _qwen2vl_mergeable(kwargs):
             kwargs.pop(PROTECT_KWARG, None)
             return call(*args, **kwargs)
-        caller_mask = kwargs.get("attention_mask")
-        right = isinstance(caller_mask, torch.Tensor) and bool((caller_mask[:, -1] == 0).any())
+        right = _right_padded(kwargs.get("attention_mask"))
         with torch.no_grad():  # rows left shorter by merging are padded on the left (generation continues at the end)
             mi = _qwen2vl_merge_call(self, cfg, kwargs, left=not right)
         for k in _QWEN2VL_VISUAL_KWARGS + ("input_ids", PROTECT_KWARG):
@@ -996,10 +999,8 @@ def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
         _record(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
-    generate.__doc__ = ("HoliTom-merging ``generate`` (vopt pass 'holitom', Qwen2-VL): returns only the new tokens "
-                        f"when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
-    setattr(generate, _WRAPPED, True)
-    model.generate = types.MethodType(generate, model)
+    _shadow(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom', Qwen2-VL): returns only "
+            f"the new tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
 
 
 # ---- Idefics3 (T2Vid: video frames fed as images) outer stage ------------------------------------------------------
@@ -1215,26 +1216,14 @@ def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
             kwargs["position_ids"] = None
         out = cls_forward(self, **kwargs)
         _record(self, stats, mi, match)
-        logits = getattr(out, "logits", None)
-        keep = kwargs.get("logits_to_keep", 0)
-        if (cfg.logits == "original" and isinstance(logits, torch.Tensor) and logits.dim() == 3
-                and isinstance(keep, int) and keep == 0 and logits.shape[1] == mi.index.shape[1]):
-            B, L = ids.shape
-            full = logits.new_zeros(B, L, logits.shape[-1])
-            ok = mi.index >= 0
-            rows = torch.arange(B, device=logits.device)[:, None].expand_as(mi.index)
-            full[rows[ok], mi.index[ok]] = logits[ok]
-            out.logits = full
-        elif cfg.logits == "compact":
-            out.attention_mask = mi.attention_mask
+        _restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
         new_mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
         out.holitom = HoliTomCallInfo(mi.input_ids, new_mask, mi.index, mi.tokens_before, mi.tokens_after, mi.merges)
         return out
 
-    forward.__doc__ = f"HoliTom-merging ``forward`` (vopt pass 'holitom', Idefics3).\n\n{cls_forward.__doc__ or ''}"
-    forward.__signature__ = inspect.signature(cls_forward)
-    setattr(forward, _WRAPPED, True)
-    model.forward = types.MethodType(forward, model)
+    _shadow(model, "forward", forward,
+            f"HoliTom-merging ``forward`` (vopt pass 'holitom', Idefics3).\n\n{cls_forward.__doc__ or ''}",
+            inspect.signature(cls_forward))
 
 
 def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -1254,8 +1243,7 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
             raise NotImplementedError(
                 "holitom: generate() with positions='original' (gapped position ids) is not supported on Idefics3 "
                 "(spec §3 R4); use HoliTomPassConfig(positions='compact') for generation")
-        caller_mask = kwargs.get("attention_mask")
-        right = isinstance(caller_mask, torch.Tensor) and bool((caller_mask[:, -1] == 0).any())
+        right = _right_padded(kwargs.get("attention_mask"))
         with torch.no_grad():
             mi = _idefics3_merge_call(self, cfg, kwargs, left=not right)
         if not sum(mi.tokens_before):   # only padding images: nothing to merge
@@ -1267,10 +1255,8 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
         _record(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
-    generate.__doc__ = ("HoliTom-merging ``generate`` (vopt pass 'holitom', Idefics3): returns only the new tokens "
-                        f"when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
-    setattr(generate, _WRAPPED, True)
-    model.generate = types.MethodType(generate, model)
+    _shadow(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom', Idefics3): returns only "
+            f"the new tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
 
 
 # ---- inner-LLM stage (spec §2) -------------------------------------------------------------------------------------
@@ -1621,11 +1607,9 @@ def _wrap_prefill_frame(model, cfg: HoliTomPassConfig, match: Match) -> None:
         embeds = torch.cat([self.embed_ids(interval), torch.stack([r.tokens for r in rows])], dim=1)
         return self.extend(embeds, cache)
 
-    prefill_frame.__doc__ = ("Prefill one frame as [interval id, merged frame tokens] (installed by the holitom "
-                             "pass: per-frame HoliTom merging in the stream).")
-    setattr(prefill_frame, _WRAPPED, True)
     setattr(model, STREAM_STATE_ATTR, _StreamState())
-    model.prefill_frame = types.MethodType(prefill_frame, model)
+    _shadow(model, "prefill_frame", prefill_frame, "Prefill one frame as [interval id, merged frame tokens] "
+            "(installed by the holitom pass: per-frame HoliTom merging in the stream).")
 
 
 @register_pass

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _holitom_helpers import LMInputs, holitom_opt
 import vopt
 from vopt import zoo
-from vopt.merging import HoliTomConfig
 from vopt.optimize import OptimizeConfig
 from vopt.passes.holitom import STATS_ATTR, HoliTomPassConfig, _received_attention, idefics3_features_and_scores
 
@@ -25,23 +25,9 @@ def zm():
     torch.set_num_threads(n)
 
 
-def _opt(model, retain=0.25, **kw):
-    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
-    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+_opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
-class _LMSpy:
-    """Forward pre-hook on the text model: the inputs_embeds / position_ids / mask it receives."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.model.text_model.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids", "attention_mask")})
-
-    def close(self):
-        self.handle.remove()
 
 
 def _batch(rows: list, side: str) -> dict:
@@ -85,7 +71,7 @@ def test_fewer_tokens_wrappers_and_text_kept_merged_tokens_in_their_frames(zm):
     inputs = zm.example_inputs(batch=2, seed=3)
     ids = inputs["input_ids"]
     L = ids.shape[1]
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.text_model)
     try:
         with torch.no_grad():
             out = opt(**inputs)
@@ -188,7 +174,7 @@ def test_original_positions_are_the_representatives_slots(zm):
     opt = _opt(zm.model, 0.25, positions="original")
     inputs = zm.example_inputs(batch=1, seed=2)
     ids = inputs["input_ids"][0]
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.text_model)
     try:
         with torch.no_grad():
             out = opt(**inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _holitom_helpers import holitom_opt
 import vopt
 import vopt.eval
 from vopt import zoo
@@ -25,9 +26,7 @@ def base():
     torch.set_num_threads(n)
 
 
-def _opt(model, retain=0.5, **kw):
-    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
-    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+_opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
 def _inputs(model, n=4, seed=0, samples=None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _holitom_helpers import LMInputs, holitom_opt
 import vopt
 from vopt import zoo
 from vopt.merging import HoliTomConfig
@@ -23,23 +24,9 @@ def zm():
     torch.set_num_threads(n)
 
 
-def _opt(model, retain=0.25, **kw):
-    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
-    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+_opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
-class _LMSpy:
-    """Forward pre-hook on a language model: the inputs_embeds / position_ids / mask it receives."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids", "attention_mask")})
-
-    def close(self):
-        self.handle.remove()
 
 
 def _batch(rows: list, side: str) -> dict:
@@ -87,7 +74,7 @@ def test_kept_positions_are_the_models_own_3d_positions(zm):
     ref, ref_delta = zm.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                                    image_grid_thw=inputs["image_grid_thw"],
                                                    video_grid_thw=inputs["video_grid_thw"])
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.language_model)
     try:
         with torch.no_grad():
             out = opt(**inputs)
@@ -119,7 +106,7 @@ def test_decode_step_continues_at_max_kept_plus_1(zm):
     opt = _opt(zm.model, 0.25)
     model = opt.module
     inputs = zm.example_inputs(batch=1, seed=3)
-    spy = _LMSpy(model)
+    spy = LMInputs(model.model.language_model)
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
@@ -169,7 +156,7 @@ def test_bev_image_and_text_tokens_are_never_merged(zm):
     opt = _opt(zm.model, 0.1)
     inputs = zm.example_inputs(batch=2, seed=5)
     ids = inputs["input_ids"]
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.language_model)
     try:
         with torch.no_grad():
             out = opt(**inputs)
@@ -197,7 +184,7 @@ def test_fewer_tokens_reach_the_llm_at_retain_025(zm):
     opt = _opt(zm.model, 0.25)
     inputs = zm.example_inputs(batch=2, seed=7)
     L = inputs["input_ids"].shape[1]
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.language_model)
     try:
         with torch.no_grad():
             opt(**inputs)
@@ -306,7 +293,7 @@ def test_protected_marker_tokens_are_never_merged(zm):
     ref, _ = zm.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                            image_grid_thw=inputs["image_grid_thw"],
                                            video_grid_thw=inputs["video_grid_thw"])
-    spy = _LMSpy(opt.module)
+    spy = LMInputs(opt.module.model.language_model)
     try:
         with torch.no_grad():
             plain = opt(**inputs)

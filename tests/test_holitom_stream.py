@@ -4,12 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vopt
+from _holitom_helpers import holitom_opt
 from vopt import zoo
 from vopt.merging import HoliTomConfig
-from vopt.optimize import OptimizeConfig
-from vopt.passes.holitom import (STATS_ATTR, STREAM_STATE_ATTR, HoliTomPassConfig, stream_frame_budget,
-                                 stream_frame_merge)
+from vopt.passes.holitom import STATS_ATTR, STREAM_STATE_ATTR, stream_frame_budget, stream_frame_merge
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,9 +23,7 @@ def base():
     return zoo.build("videollm-online", size="tiny").model.eval()
 
 
-def _opt(model, retain=0.5, **kw):
-    cfg = HoliTomPassConfig(merge=HoliTomConfig(retain_ratio=retain), **kw)
-    return vopt.optimize(model, OptimizeConfig(pass_configs={"holitom": cfg}), passes=["holitom"])
+_opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
 def _match(opt):
