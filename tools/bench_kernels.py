@@ -221,7 +221,8 @@ def fmt(v, spec: str) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (a reader never sees a half-written file)."""
+    """Write ``payload`` to ``path`` atomically (a reader never sees a half-written file), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
@@ -326,7 +327,6 @@ def main(argv: Optional[list] = None) -> int:
             rows.extend(run_case(case, device, timer, backends))
     print_table(info, rows)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"meta": info, "results": [asdict(r) for r in rows]})
         print(f"# wrote {args.out}")
     return 0

@@ -310,7 +310,6 @@ def main(argv: Optional[list] = None) -> int:
         info["skipped_cases"] = f"{', '.join(skipped)} (--max-seconds {args.max_seconds} spent)"
     print_table(info, rows)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"meta": info, "results": [asdict(r) for r in rows]})
         print(f"# wrote {args.out}")
     return 0

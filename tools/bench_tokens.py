@@ -253,7 +253,6 @@ def main(argv: Optional[list] = None) -> int:
         del model
     print_table(info, rows)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"meta": {**info, "sizes": sizes, "retains": retains, "methods": methods,
                                        "reps": args.reps, "decode": args.decode, "eval_n": args.eval_n,
                                        "frames_medium": args.frames},

@@ -227,7 +227,6 @@ def main(argv: Optional[list] = None) -> int:
     rows = run(args)
     print_table(info, rows)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"meta": {**info, "n": args.n, "tokens": args.tokens, "residual": args.residual,
                                        "group": args.group, "seed": args.seed},
                               "results": [{k: v for k, v in asdict(r).items() if k != "kls"} for r in rows]})
