@@ -39,7 +39,7 @@ setup(
     version="0.1.0",
     description="Compiler-style optimization toolkit for video large language models",
     python_requires=">=3.10",
-    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels", "vopt.kvcache", "vopt.merging", "vopt.moe", "vopt.engine"],
+    packages=["vopt", "vopt.ops", "vopt.zoo", "vopt.eval", "vopt.passes", "vopt.kernels", "vopt.kvcache", "vopt.merging", "vopt.merging.families", "vopt.moe", "vopt.engine"],
     package_dir={"vopt": "vopt", "vopt.passes": "passes", "vopt.kernels": "kernels"},
     package_data={"vopt": ["_lib/*.so"], "vopt.zoo": ["weights/*.safetensors", "weights/*.json"]},
     # Lower bounds: the versions verified here (torch 2.13.0 CPU, triton 3.9.0,

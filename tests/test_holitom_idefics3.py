@@ -10,7 +10,9 @@ from _holitom_helpers import LMInputs, holitom_opt
 import vopt
 from vopt import zoo
 from vopt.optimize import OptimizeConfig
-from vopt.passes.holitom import STATS_ATTR, HoliTomPassConfig, _received_attention, idefics3_features_and_scores
+from vopt.merging.families.common import received_attention
+from vopt.merging.families.idefics3 import idefics3_features_and_scores
+from vopt.passes.holitom import STATS_ATTR, HoliTomPassConfig
 
 N = 4   # tokens per frame of the tiny model (4x4 patches, pixel shuffle x2)
 
@@ -118,7 +120,7 @@ def test_features_are_the_models_own_and_scores_the_last_vision_layers(zm):
         h.remove()
     with torch.no_grad():
         feats, scores = idefics3_features_and_scores(zm.model, inputs["pixel_values"])
-        ref = _received_attention(layer, seen[0])                                  # [16 frames, 16 patches]
+        ref = received_attention(layer, seen[0])                                  # [16 frames, 16 patches]
     assert all(torch.equal(a, b) for a, b in zip(feats, own))
     # pixel shuffle groups each token's 2x2 patches: token (i, j) of the 2x2 grid <- patches (2i..2i+1, 2j..2j+1)
     grid = ref.view(16, 2, 2, 2, 2).permute(0, 1, 3, 2, 4).reshape(16, 4, 4).mean(-1)

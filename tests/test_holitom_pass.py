@@ -344,14 +344,14 @@ def test_inner_scores_equal_the_models_own_last_token_attention(base):
         captured["imp"] = orig(q, k, key_mask, q_pos)
         return captured["imp"]
 
-    import vopt.passes.holitom as holitom_pass
+    import vopt.merging.families.inner_llm as inner_llm
 
-    holitom_pass.last_token_importance = spy
+    inner_llm.last_token_importance = spy
     try:
         with torch.no_grad():
             opt(**inputs)
     finally:
-        holitom_pass.last_token_importance = orig
+        inner_llm.last_token_importance = orig
     torch.testing.assert_close(captured["imp"], want, rtol=0, atol=2e-6)  # fp32 softmax of the same logits
 
 
@@ -406,7 +406,7 @@ def test_scores_are_the_vision_layers_received_attention_pooled_like_the_feature
     import copy
     import math
 
-    from vopt.passes.holitom import video_features_and_scores
+    from vopt.merging.families.llava_onevision import video_features_and_scores
 
     inputs = _inputs(base, n=2)
     pv = inputs["pixel_values_videos"]

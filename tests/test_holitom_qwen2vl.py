@@ -280,7 +280,7 @@ def test_compact_logits_layout(zm):
 def test_protected_marker_tokens_are_never_merged(zm):
     """``vopt_holitom_protect`` marks video placeholders (GPT4Scene's object-ID marker patches) that reach the LM as
     themselves, at their own 3-D position, whatever the budget; forward and generate accept it."""
-    from vopt.passes.holitom import PROTECT_KWARG
+    from vopt.merging.families.qwen2vl import PROTECT_KWARG
 
     cfg = zm.model.config
     opt = _opt(zm.model, 0.1)
@@ -319,7 +319,7 @@ def test_protected_marker_tokens_are_never_merged(zm):
 
 def test_exclude_protected_renormalizes_the_other_sources():
     from vopt.merging import holitom_merge
-    from vopt.passes.holitom import _exclude_protected
+    from vopt.merging.families.qwen2vl import _exclude_protected
 
     torch.manual_seed(0)
     T, N, D = 4, 6, 8

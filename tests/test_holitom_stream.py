@@ -7,7 +7,8 @@ import torch
 from _holitom_helpers import holitom_opt
 from vopt import zoo
 from vopt.merging import HoliTomConfig
-from vopt.passes.holitom import STATS_ATTR, STREAM_STATE_ATTR, stream_frame_budget, stream_frame_merge
+from vopt.merging.families.stream import STREAM_STATE_ATTR, stream_frame_budget, stream_frame_merge
+from vopt.passes.holitom import STATS_ATTR
 
 
 @pytest.fixture(scope="module", autouse=True)

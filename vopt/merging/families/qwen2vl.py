@@ -1,0 +1,341 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration`` and subclasses; the GPT4Scene zoo model; spec §3 "Qwen2-VL M-RoPE",
+R2-R4). Same instance-only ``forward`` / ``generate`` shadowing. **Supported**: the outer stage. A call is rewritten
+when it carries ``input_ids`` + ``pixel_values_videos`` + ``video_grid_thw`` + ``mm_token_type_ids`` (optionally the
+image ``pixel_values`` + ``image_grid_thw``), no ``inputs_embeds`` / ``mm_encoder_outputs`` and an empty cache;
+anything else (no video, decode steps, ``mm_token_type_ids`` missing: the model itself then raises) passes through
+unchanged. :func:`merge_qwen2vl_inputs`:
+
+(a) ``inputs_embeds`` are the model's own (``get_input_embeddings``, ``get_image_features`` /
+    ``get_video_features`` scattered with ``masked_scatter`` after the model's placeholder-count check), and the 3-D
+    positions are the model's own ``model.get_rope_index`` on the **full** input with the caller's ``attention_mask``
+    (a caller's ``position_ids [3|4, B, L]`` are used instead);
+(b) each video (``video_grid_thw`` order) is ``t`` frames (the temporal grid) x ``n = h*w/4`` tokens (after the 2x2
+    merger), merged by :func:`vopt.merging.holitom_merge` with **proxy scores** (vision attention scores of the varlen
+    ViT are not implemented); the ``m`` merged tokens fill the first ``m`` placeholder slots of the video, each with its
+    representative's ``(t, h, w)`` (R2: temporal merge -> first frame of the segment, cluster -> centre); the other
+    slots are dropped. **Untouched**: image tokens (GPT4Scene's BEV map is the image: never merged, never a temporal
+    neighbour), text (object-ID marker text included), vision start/end ids, and video placeholders marked in the
+    optional call keyword ``vopt_holitom_protect`` (``[B, L]`` bool, e.g. the patches carrying object-ID markers): those
+    are taken out of every merged token (:func:`_exclude_protected`: other sources renormalized) and kept as themselves
+    at their own position, on top of the budget;
+(c) the kept tokens are gathered per row in order (one sort per row, no per-token loop): embeddings, ids, mask, token
+    types, labels (``-100`` at video tokens) and **positions ``[3, B, L']``** (gapped: text keeps its ids, so the
+    last text token keeps the unmodified model's position). Rows left shorter are padded on the caller's padding side
+    (right when unpadded; ``generate`` pads left unless the caller right-padded), pad id / type 0 / mask 0 /
+    position 0 (what ``get_rope_index`` gives padding);
+(d) the class ``forward`` runs with ``input_ids=None, inputs_embeds, attention_mask, position_ids`` (no visual inputs,
+    so the placeholder-count check is not needed) and the wrapper sets ``model.model.rope_deltas = max kept position
+    + 1 - real tokens of the row`` (R4; ``= max_kept + 1 - L'`` for unpadded rows; HF's own convention), so a later
+    decode step through ``forward`` (cache filled, ``attention_mask=None``, as transformers' own Qwen2-VL decode path
+    requires) gets position ``cache length + delta = max kept + 1`` in all three rows.
+
+Logits: ``logits='original'`` / ``'compact'`` as above; ``out.holitom`` also carries ``position_ids`` and
+``rope_deltas``. ``generate`` is shadowed: ``generate(inputs_embeds=<shortened>, attention_mask, position_ids=<kept
+3-D positions>)``; transformers 5.x accepts explicit ``position_ids`` and extends them by ``last + 1`` per step, which
+equals ``max_kept + 1`` whenever the prompt ends with text (every chat template; a prompt ending inside a video block
+would continue from the last video token's position, as the unmodified model's generate does). It returns **only the
+new tokens** (inputs_embeds generation). Use left padding for batched generation (a right-padded caller batch
+continues after its padding, as in the unmodified model). Tested (``tests/test_holitom_qwen2vl.py``): retain 1.0 is
+bit-identical, kept positions equal ``get_rope_index``'s at the representatives' slots, a decode step runs at
+``max_kept + 1`` and equals an uncached manual pass, padded/ragged batches equal rows alone (forward and generate),
+generate equals manual greedy decoding through ``rope_deltas``. Measured on the tiny GPT4Scene model (8 frames x 6 +
+9 BEV tokens, 67-token prompt): retain 0.25 keeps 12 of 48 video tokens per clip, LLM sequence 67 -> 31.
+**Not supported on Qwen2-VL**: the inner-LLM stage (``inner_layer`` set: the model is skipped with the reason),
+``scores='attention'`` (proxy scores are used; reported), ``positions='compact'`` (ignored: positions are always the
+model's own 3-D ones, gathered), merging images as frames (GPT4Scene's original feeds the frames as separate images:
+image tokens are never merged), Qwen2.5-VL (a different class: skipped), video-less calls (nothing to merge).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional
+
+import torch
+
+from ...pass_protocol import Match
+from ..config import HoliTomConfig
+from ..holitom import MergeResult, holitom_merge
+from .common import (STATS_ATTR, HoliTomCallInfo, cache_filled, compact_rows, left_padded, pad_token_id, record_call,
+                     restore_logits, right_padded, shadow_method)
+
+if TYPE_CHECKING:  # annotations only (the pass module imports this one)
+    from vopt.passes.holitom import HoliTomPassConfig
+
+
+def is_qwen2vl(model) -> bool:
+    try:
+        from transformers import Qwen2VLForConditionalGeneration
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, Qwen2VLForConditionalGeneration)
+
+
+#: Keyword arguments that carry the visual inputs of a Qwen2-VL call (dropped when the call is rewritten).
+_QWEN2VL_VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
+                          "mm_token_type_ids", "second_per_grid_ts")
+
+
+def supported(model) -> Optional[str]:
+    """None when this Qwen2-VL model can be wrapped, else the reason."""
+    cfg = model.config
+    for name in ("video_token_id", "image_token_id"):
+        if not isinstance(getattr(cfg, name, None), int):
+            return f"the model config has no integer {name}"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("get_rope_index", "get_video_features", "visual")):
+        return "the Qwen2-VL model has no model.get_rope_index / get_video_features / visual"
+    return None
+
+
+@dataclass
+class Qwen2VLMerged:
+    """Output of :func:`merge_qwen2vl_inputs` (module docstring, "Qwen2-VL")."""
+
+    inputs_embeds: torch.Tensor              #: [B, L', D]
+    input_ids: torch.Tensor                  #: [B, L'] (fewer video placeholders, padded with pad_token_id)
+    attention_mask: Optional[torch.Tensor]   #: [B, L']; the caller's (possibly None) when nothing was shortened
+    position_ids: torch.Tensor               #: [3, B, L'] M-RoPE positions of the kept tokens
+    rope_deltas: torch.Tensor                #: [B, 1] max kept position + 1 - real tokens of the row
+    index: torch.Tensor                      #: [B, L'] caller's position of each new token (-1: added padding)
+    mm_token_type_ids: torch.Tensor          #: [B, L']
+    labels: Optional[torch.Tensor]
+    tokens_before: List[int]                 #: per video, its t*h*w/4 tokens
+    tokens_after: List[int]
+    merges: List[MergeResult]
+
+    @property
+    def shortened(self) -> bool:
+        return any(a != b for a, b in zip(self.tokens_before, self.tokens_after))
+
+
+def qwen2vl_embeds_and_positions(model, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                                 pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                                 video_grid_thw=None, attention_mask=None, position_ids=None) -> tuple:
+    """``(inputs_embeds [B, L, D], position_ids [3, B, L], video features (one [t*h*w/4, D] per video) or None)``
+    exactly as the unmodified ``Qwen2VLModel.forward`` builds them: the model's own ``get_input_embeddings``,
+    ``get_image_features`` / ``get_video_features`` scattered with ``masked_scatter`` after its own placeholder-count
+    check, and its own ``get_rope_index`` on the FULL input with the caller's ``attention_mask`` (a caller's
+    ``position_ids [3 or 4, B, L]`` are used instead; a leading text row is dropped)."""
+    inner = model.model
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        img = torch.cat(inner.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+        img = img.to(embeds.device, embeds.dtype)
+        img_mask, _ = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=img)
+        embeds = embeds.masked_scatter(img_mask, img)
+    vids = None
+    if pixel_values_videos is not None:
+        vids = inner.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output
+        flat = torch.cat(vids).to(embeds.device, embeds.dtype)
+        _, vid_mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=flat)
+        embeds = embeds.masked_scatter(vid_mask, flat)
+    B, L = input_ids.shape
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3 and position_ids.shape[-1] == L:
+        pos = position_ids[-3:].expand(3, B, L)
+    else:
+        pos, _ = inner.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                      video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+    return embeds, pos, vids
+
+
+def merge_qwen2vl_inputs(model, input_ids: torch.Tensor, config: HoliTomConfig, *, mm_token_type_ids: torch.Tensor,
+                         pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor, pixel_values=None,
+                         image_grid_thw=None, attention_mask: Optional[torch.Tensor] = None, position_ids=None,
+                         labels: Optional[torch.Tensor] = None, left: Optional[bool] = None,
+                         protect: Optional[torch.Tensor] = None) -> Qwen2VLMerged:
+    """HoliTom outer merging of a Qwen2-VL call's videos (module docstring, "Qwen2-VL").
+
+    Each video (in ``video_grid_thw`` order, i.e. row by row as ``get_rope_index`` consumes them) is
+    ``t`` frames (the temporal grid) x ``n = h*w/4`` tokens (after the 2x2 merger); :func:`holitom_merge` (proxy
+    scores) reduces it to ``m`` tokens, written into the first ``m`` of its placeholder slots with their
+    representative's 3-D position (spec R2); its other slots are dropped. Image tokens (GPT4Scene's BEV map), text
+    (object-ID marker text included) and the vision start/end ids are never touched; video placeholders where
+    ``protect [B, L]`` is True (e.g. the patches that carry GPT4Scene's object-ID markers) are never merged
+    (:func:`_exclude_protected`). The kept tokens are gathered
+    per row (``compact_rows``) with their embeddings, ids, mask, token types and 3-D positions; rows left shorter
+    are padded on the ``left`` (None: the side the caller padded, right when unpadded)."""
+    vid = model.config.video_token_id
+    B, L = input_ids.shape
+    if protect is not None and (not isinstance(protect, torch.Tensor) or tuple(protect.shape) != (B, L)):
+        raise ValueError(f"holitom: {PROTECT_KWARG} must be a [B={B}, L={L}] bool tensor over input_ids, got "
+                         f"{tuple(protect.shape) if isinstance(protect, torch.Tensor) else type(protect).__name__}")
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    embeds, pos, vids = qwen2vl_embeds_and_positions(
+        model, input_ids, mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+        attention_mask, position_ids)
+    is_vid = (input_ids == vid) & (mask != 0)
+    keep = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+    new_emb, new_pos = embeds.clone(), pos.clone()
+    grids = video_grid_thw.tolist()
+    sms = model.config.vision_config.spatial_merge_size
+    before, after, merges = [], [], []
+    v = 0
+    for b in range(B):
+        slots_b = is_vid[b].nonzero().reshape(-1)
+        o = 0
+        while o < slots_b.numel():
+            if v >= len(grids):
+                raise ValueError(f"holitom: row {b} has more video placeholders than video_grid_thw describes")
+            t, h, w = grids[v]
+            n = (h // sms) * (w // sms)
+            feats = vids[v].to(embeds.device, embeds.dtype)
+            slots = slots_b[o:o + t * n]
+            if slots.numel() != t * n or feats.shape[0] != t * n:
+                raise ValueError(f"holitom: video {v} (row {b}) has {slots.numel()} placeholders and "
+                                 f"{feats.shape[0]} features, expected {t}x{n}")
+            mr = holitom_merge(feats.reshape(t, n, -1), config, None)
+            toks, rep_flat = mr.tokens, mr.positions[:, 0] * n + mr.positions[:, 1]
+            if protect is not None and bool(protect[b, slots].any()):
+                toks, rep_flat = _exclude_protected(mr, feats, protect[b, slots].to(feats.device).bool(), n)
+            m = toks.shape[0]
+            rep = slots[rep_flat.to(slots.device)]
+            new_emb[b, slots[:m]] = toks.to(new_emb.dtype)
+            new_pos[:, b, slots[:m]] = pos[:, b, rep]
+            keep[b, slots[m:]] = False
+            before.append(t * n)
+            after.append(m)
+            merges.append(mr)
+            o += t * n
+            v += 1
+    if v != len(grids):
+        raise ValueError(f"holitom: video_grid_thw describes {len(grids)} videos, the rows hold {v}")
+    if left is None:
+        left = attention_mask is not None and left_padded(attention_mask)
+    idx = compact_rows(keep, left)
+    fill = idx < 0
+    g = idx.clamp(min=0)
+    pad_id = pad_token_id(model)
+    pad_emb = model.get_input_embeddings()(torch.tensor([pad_id], device=input_ids.device)).to(embeds.dtype)[0]
+    out_emb = torch.where(fill[..., None], pad_emb, new_emb.gather(1, g[..., None].expand(*g.shape, embeds.shape[-1])))
+    out_ids = input_ids.gather(1, g).masked_fill(fill, pad_id)
+    out_mask = mask.gather(1, g).masked_fill(fill, 0)
+    out_types = mm_token_type_ids.gather(1, g).masked_fill(fill, 0)
+    out_pos = new_pos.gather(2, g[None].expand(3, *g.shape)).masked_fill(fill[None], 0)
+    out_labels = None
+    if labels is not None:
+        out_labels = labels.gather(1, g).masked_fill(fill | (out_ids == vid), -100)
+    real = out_mask != 0
+    deltas = (out_pos.masked_fill(~real[None], -1).amax(dim=(0, 2)) + 1 - real.sum(1))[:, None]
+    shortened = bool((~keep).any())
+    return Qwen2VLMerged(out_emb, out_ids, out_mask if (shortened or attention_mask is not None) else None, out_pos,
+                         deltas, idx, out_types, out_labels, before, after, merges)
+
+
+def _exclude_protected(mr: MergeResult, feats: torch.Tensor, prot: torch.Tensor, n: int) -> tuple:
+    """``(tokens [M', D], representative flat index t*n + s [M'])``: ``mr`` with the protected inputs ``prot [t*n]``
+    taken out of every merged token (its other sources' weights renormalized; a token made only of protected inputs
+    is dropped; a protected representative is replaced by the token's heaviest remaining source, first on ties),
+    followed by the protected tokens themselves, unchanged, in raster order (they come on top of the budget)."""
+    M = mr.tokens.shape[0]
+    owner, src, w0 = mr.source_owner, mr.source_index, mr.source_weight
+    hit = prot[src]
+    touched = torch.zeros(M, dtype=torch.bool, device=owner.device).index_fill_(0, owner[hit], True)
+    w = w0.masked_fill(hit, 0)
+    tot = torch.zeros(M, dtype=w.dtype, device=w.device).index_add_(0, owner, w)
+    flat = feats.reshape(-1, feats.shape[-1])
+    recon = torch.zeros(M, flat.shape[-1], dtype=w.dtype, device=w.device).index_add_(
+        0, owner, w[:, None] * flat[src].to(w.dtype)) / tot.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+    tokens = torch.where(touched[:, None], recon.to(mr.tokens.dtype), mr.tokens)
+    rep = mr.positions[:, 0] * n + mr.positions[:, 1]
+    wm = w0.masked_fill(hit, -1)
+    best = torch.full((M,), -1, dtype=w.dtype, device=w.device).scatter_reduce(0, owner, wm, "amax")
+    cand = (wm == best[owner]) & ~hit
+    first = torch.full((M,), flat.shape[0], dtype=torch.long, device=owner.device).scatter_reduce(
+        0, owner[cand], src[cand], "amin")
+    rep = torch.where(prot[rep], first, rep)
+    alive = tot > 0
+    keep_idx = prot.nonzero().reshape(-1)
+    return torch.cat([tokens[alive], flat[keep_idx].to(tokens.dtype)]), torch.cat([rep[alive], keep_idx])
+
+
+def _qwen2vl_mergeable(kwargs: dict) -> bool:
+    """A prefill this pass rewrites: ``input_ids`` + videos (+ grids, token types), no embeddings, no cache."""
+    ids = kwargs.get("input_ids")
+    return (isinstance(ids, torch.Tensor) and kwargs.get("pixel_values_videos") is not None
+            and kwargs.get("video_grid_thw") is not None and kwargs.get("mm_token_type_ids") is not None
+            and kwargs.get("inputs_embeds") is None and kwargs.get("mm_encoder_outputs") is None
+            and not cache_filled(kwargs.get("cache", kwargs.get("past_key_values"))))
+
+
+#: Optional keyword of a Qwen2-VL call: ``[B, L]`` bool over ``input_ids``, True at video placeholders that must
+#: never be merged (GPT4Scene's object-ID marker patches); popped before the model sees the call.
+PROTECT_KWARG = "vopt_holitom_protect"
+
+
+def _qwen2vl_merge_call(model, cfg: HoliTomPassConfig, kwargs: dict, labels=None, left=None) -> Qwen2VLMerged:
+    return merge_qwen2vl_inputs(
+        model, kwargs["input_ids"], cfg.merge, mm_token_type_ids=kwargs["mm_token_type_ids"],
+        pixel_values_videos=kwargs["pixel_values_videos"], video_grid_thw=kwargs["video_grid_thw"],
+        pixel_values=kwargs.get("pixel_values"), image_grid_thw=kwargs.get("image_grid_thw"),
+        attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"), labels=labels, left=left,
+        protect=kwargs.get(PROTECT_KWARG))
+
+
+def _wrap_forward_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
+    """Shadow ``forward`` on this Qwen2-VL instance (module docstring, "Qwen2-VL")."""
+    cls_forward = type(model).forward
+    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
+
+    def forward(self, *args, **kwargs):
+        for name, value in zip(names, args):
+            kwargs[name] = value
+        stats = getattr(self, STATS_ATTR)
+        if not _qwen2vl_mergeable(kwargs):
+            stats.passthrough += 1
+            kwargs.pop(PROTECT_KWARG, None)
+            return cls_forward(self, **kwargs)
+        ids = kwargs["input_ids"]
+        mi = _qwen2vl_merge_call(self, cfg, kwargs, kwargs.get("labels"))
+        for k in _QWEN2VL_VISUAL_KWARGS + (PROTECT_KWARG,):
+            kwargs.pop(k, None)
+        kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask,
+                      position_ids=mi.position_ids)
+        if mi.labels is not None:
+            kwargs["labels"] = mi.labels
+        out = cls_forward(self, **kwargs)
+        self.model.rope_deltas = mi.rope_deltas   # decode steps: position = cache length + delta (= max kept + 1)
+        record_call(self, stats, mi, match)
+        restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
+        out.holitom = HoliTomCallInfo(mi.input_ids, mi.attention_mask, mi.index, mi.tokens_before, mi.tokens_after,
+                                      mi.merges, mi.position_ids, mi.rope_deltas)
+        return out
+
+    shadow_method(model, "forward", forward,
+            f"HoliTom-merging ``forward`` (vopt pass 'holitom', Qwen2-VL).\n\n{cls_forward.__doc__ or ''}",
+            inspect.signature(cls_forward))
+
+
+def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
+    """Shadow ``generate`` on this Qwen2-VL instance: a call with ``input_ids`` + videos becomes
+    ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>, position_ids=<kept 3-D positions>)``;
+    transformers extends explicit ``position_ids`` by ``last + 1`` per step (module docstring)."""
+    previous = vars(model).get("generate")
+    cls_generate = type(model).generate
+
+    def generate(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
+        if not _qwen2vl_mergeable(kwargs):
+            kwargs.pop(PROTECT_KWARG, None)
+            return call(*args, **kwargs)
+        right = right_padded(kwargs.get("attention_mask"))
+        with torch.no_grad():  # rows left shorter by merging are padded on the left (generation continues at the end)
+            mi = _qwen2vl_merge_call(self, cfg, kwargs, left=not right)
+        for k in _QWEN2VL_VISUAL_KWARGS + ("input_ids", PROTECT_KWARG):
+            kwargs.pop(k, None)
+        mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
+        kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mask, position_ids=mi.position_ids)
+        self.model.rope_deltas = mi.rope_deltas
+        record_call(self, getattr(self, STATS_ATTR), mi, match)
+        return call(*args, **kwargs)
+
+    shadow_method(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom', Qwen2-VL): returns only "
+            f"the new tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+
+
+def install(model, cfg: HoliTomPassConfig, match: Match) -> None:
+    """Shadow ``forward`` and ``generate`` on this Qwen2-VL instance (module docstring)."""
+    _wrap_forward_qwen2vl(model, cfg, match)
+    _wrap_generate_qwen2vl(model, cfg, match)
