@@ -177,60 +177,52 @@ class HoliTomPass(Pass):
         what = kind + (f" {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
                        f"rounding={m.budget_rounding.value} positions={cfg.positions} logits={cfg.logits}"
                        if cfg.outer else " HoliTom (no outer stage)")
+        return self._install(model, ctx, result, what, llava_onevision.install)
+
+    def _install(self, model: Any, ctx: PassContext, result: PassResult, what: str, install_family) -> PassResult:
+        """The family's wrappers (``install_family``) and, with ``inner_layer`` set, the inner stage's layers."""
+        cfg = self.config
         match = Match("model", what, rewritten=True)
         if not ctx.dry_run:
             stats = HoliTomStats()
             setattr(model, STATS_ATTR, stats)
             if cfg.inner_layer is not None:
                 match.what += "; " + install_inner(model, cfg, stats.inner)
-            llava_onevision.install(model, cfg, match)
+            install_family(model, cfg, match)
         elif cfg.inner_layer is not None:
             match.what += f"; inner K={cfg.inner_layer} keep={cfg.inner_keep:g}"
         result.matches.append(match)
         return result
 
     def _run_qwen2vl(self, model: Any, ctx: PassContext, result: PassResult, kind: str, budget: str) -> PassResult:
-        """Qwen2-VL (module docstring, "Qwen2-VL"): outer stage only, 3-D M-RoPE positions gathered."""
+        """Qwen2-VL (:mod:`vopt.merging.families.qwen2vl`): 3-D M-RoPE positions gathered; inner stage optional."""
         m, cfg = self.config.merge, self.config
-        if cfg.inner_layer is not None:
-            result.matches.append(Match("model", kind, rewritten=False, reason=(
-                "the inner-LLM stage (inner_layer) is not supported on Qwen2-VL yet (outer stage only: leave "
-                "inner_layer=None)")))
-            return result
+        if not cfg.outer:
+            return self._install(model, ctx, result, f"{kind} HoliTom (no outer stage)", qwen2vl.install)
+        why_proxy = qwen2vl.qwen2vl_attention_scores_supported(model) if cfg.scores == "attention" else None
+        if cfg.scores != "attention":
+            scores = cfg.scores
+        elif why_proxy is None:
+            scores = "attention (received in the last vision block)"
+        else:
+            scores = f"proxy (attention unavailable: {why_proxy})"
         what = (f"{kind} {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} "
                 f"beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} rounding={m.budget_rounding.value} "
-                f"positions=M-RoPE 3-D (model's own, kept gathered) scores=proxy logits={cfg.logits}; video tokens "
+                f"positions=M-RoPE 3-D (model's own, kept gathered) scores={scores} logits={cfg.logits}; video tokens "
                 "merged, image (BEV) / text / vision start-end tokens untouched")
-        match = Match("model", what, rewritten=True)
-        if not ctx.dry_run:
-            setattr(model, STATS_ATTR, HoliTomStats())
-            qwen2vl.install(model, cfg, match)
-        result.matches.append(match)
-        return result
+        return self._install(model, ctx, result, what, qwen2vl.install)
 
     def _run_idefics3(self, model: Any, ctx: PassContext, result: PassResult, kind: str, budget: str) -> PassResult:
-        """Idefics3 / T2Vid (module docstring, "Idefics3"): outer stage only, frames fed as images."""
+        """Idefics3 / T2Vid (:mod:`vopt.merging.families.idefics3`): frames fed as images; inner stage optional."""
         m, cfg = self.config.merge, self.config
-        reason = None
-        if cfg.inner_layer is not None:
-            reason = ("the inner-LLM stage (inner_layer) is not supported on Idefics3 yet (outer stage only: leave "
-                      "inner_layer=None)")
-        elif not cfg.outer:
-            reason = "outer=False: only the outer stage is supported on Idefics3, nothing to do"
-        if reason is not None:
-            result.matches.append(Match("model", kind, rewritten=False, reason=reason))
-            return result
+        if not cfg.outer:
+            return self._install(model, ctx, result, f"{kind} HoliTom (no outer stage)", idefics3.install)
         what = (f"{kind} {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} "
                 f"beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} rounding={m.budget_rounding.value} "
                 f"positions={cfg.positions} scores={cfg.scores} logits={cfg.logits}; each row's images merged as one "
                 "video's frames (n <image> tokens each), merged tokens placed in their representative frame's block, "
                 "frame wrappers / text kept")
-        match = Match("model", what, rewritten=True)
-        if not ctx.dry_run:
-            setattr(model, STATS_ATTR, HoliTomStats())
-            idefics3.install(model, cfg, match)
-        result.matches.append(match)
-        return result
+        return self._install(model, ctx, result, what, idefics3.install)
 
     def _run_stream(self, model: Any, ctx: PassContext, result: PassResult, kind: str) -> PassResult:
         """VideoLLM-online-style streaming (module docstring, "Streaming"): per-frame merging in ``prefill_frame``."""

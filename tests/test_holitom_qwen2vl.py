@@ -223,7 +223,7 @@ def test_generate_merges_and_continues_like_manual_decoding(zm):
             assert torch.equal(gen[b], torch.cat(toks, 1)[0]), b
 
 
-def test_unsupported_calls_pass_through_and_inner_is_refused(zm):
+def test_unsupported_calls_pass_through_and_the_inner_stage_installs(zm):
     opt = _opt(zm.model, 0.25)
     inputs = zm.example_inputs(batch=1)
     no_video = {k: v for k, v in inputs.items() if k not in ("pixel_values_videos", "video_grid_thw")}
@@ -238,7 +238,7 @@ def test_unsupported_calls_pass_through_and_inner_is_refused(zm):
     inner = vopt.optimize(zm.model, OptimizeConfig(pass_configs={"holitom": HoliTomPassConfig(inner_layer=1)}),
                           passes=["holitom"])
     (m,) = inner.report.runtime_results[0].matches
-    assert not m.rewritten and "inner" in m.reason and "Qwen2-VL" in m.reason
+    assert m.rewritten and "inner K=1/" in m.what     # tests/test_holitom_inner_families.py checks what it does
 
 
 def test_unpadded_batch_that_merges_unevenly_generates_like_rows_alone(zm):
@@ -304,15 +304,22 @@ def test_protected_marker_tokens_are_never_merged(zm):
     with torch.no_grad():
         feats = torch.cat(zm.model.model.get_video_features(inputs["pixel_values_videos"],
                                                             inputs["video_grid_thw"]).pooler_output)
-    assert plain.holitom.tokens_after == [5] and out.holitom.tokens_after == [5 + 3]
+    # a merged token made only of protected inputs is dropped (with attention scores a marked patch can be a dominant
+    # dynamic token on its own): the survivors come first, then the 3 protected tokens
+    mr = out.holitom.merges[0]
+    prot_flat = torch.zeros(48, dtype=torch.bool)
+    prot_flat[marked - vslots[0]] = True
+    alive = int(torch.zeros(5, dtype=torch.long).index_add_(0, mr.source_owner,
+                                                             (~prot_flat[mr.source_index]).long()).gt(0).sum())
+    assert plain.holitom.tokens_after == [5] and out.holitom.tokens_after == [alive + 3] and alive >= 4
     embeds, pos = spy.calls[1]["inputs_embeds"][0], out.holitom.position_ids[:, 0]
     vid_new = (out.holitom.input_ids[0] == cfg.video_token_id).nonzero().reshape(-1)
     for k, slot in enumerate(marked):
-        j = vid_new[5 + k]                                                  # after the merged tokens, raster order
+        j = vid_new[alive + k]                                              # after the merged tokens, raster order
         assert torch.equal(embeds[j], feats[slot - vslots[0]])
         assert torch.equal(pos[:, j], ref[:, 0, slot])
     # the merged tokens' positions never repeat a protected token's position
-    merged_pos = {tuple(p) for p in pos[:, vid_new[:5]].T.tolist()}
+    merged_pos = {tuple(p) for p in pos[:, vid_new[:alive]].T.tolist()}
     assert not merged_pos & {tuple(ref[:, 0, s].tolist()) for s in marked}
     assert gen.shape == (1, 2)
 
@@ -345,3 +352,117 @@ def test_exclude_protected_renormalizes_the_other_sources():
             expect.append((w[:, None] * flat[mr.source_index[sel]]).sum(0) / w.sum())
     torch.testing.assert_close(toks[:-n_prot], torch.stack(expect), atol=1e-6, rtol=1e-6)
     assert not bool(prot[rep[:-n_prot]].any())
+
+
+def _random_videos(seed: int, grids: list, zm) -> tuple:
+    """Fresh random ``pixel_values_videos [sum t*h*w, C*tp*p*p]`` for ``grids`` (rows ``(t, h, w)`` in patches)."""
+    vc = zm.model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(grids, dtype=torch.long)
+    rows = int(grid.prod(-1).sum())
+    return torch.randn(rows, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=g), grid
+
+
+def _eager_last_block_probs(visual, pixel_values_videos, grid) -> list:
+    """The softmax probabilities ``[1, H, S, S]`` (one per temporal grid frame) that transformers' own
+    ``eager_attention_forward`` computes in the LAST block of a copy of ``visual`` run with an eager attention
+    implementation (registered through transformers' ``AttentionInterface``, which calls the eager function
+    unchanged and records its weights)."""
+    import copy
+
+    from transformers import AttentionInterface
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forward
+
+    ref = copy.deepcopy(visual)
+    target = ref.blocks[-1].attn
+    probs = []
+
+    def eager_recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        out, w = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if module is target:
+            probs.append(w.detach())
+        return out, w
+
+    AttentionInterface.register("vopt_test_eager_probs", eager_recording)
+    ref.config._attn_implementation = "vopt_test_eager_probs"
+    assert target.config is ref.config
+    with torch.no_grad():
+        ref(pixel_values_videos.type(ref.dtype), grid_thw=grid)
+    return probs
+
+
+def test_video_features_are_the_models_own_and_scores_the_last_vision_blocks_received_attention(zm):
+    """Fresh random videos with t >= 2 and h != w (two grids, so cu_seqlens has segments of two lengths)."""
+    from vopt.merging.families.qwen2vl import (_last_block_inputs_eager, _received_attention_varlen,
+                                               qwen2vl_video_features_and_scores)
+
+    model = zm.model
+    sms = model.config.vision_config.spatial_merge_size
+    grids = [[3, 4, 6], [2, 6, 4], [2, 2, 8]]                              # (t, h, w) in patches
+    pv, grid = _random_videos(11, grids, zm)
+    with torch.no_grad():
+        own = model.model.get_video_features(pv, grid, return_dict=True).pooler_output
+        feats, scores = qwen2vl_video_features_and_scores(model, pv, grid, True)
+        feats_p, none = qwen2vl_video_features_and_scores(model, pv, grid, False)
+    assert none is None and len(feats) == len(own) == len(scores) == 3
+    for f, fp, o in zip(feats, feats_p, own):
+        assert torch.equal(f, o) and torch.equal(fp, o)                    # bit-identical features
+    # reference: HF's eager attention probabilities of the last block, averaged over heads and query patches of each
+    # frame, then grouped like the PatchMerger (sms^2 consecutive patches, block-major order) and averaged
+    probs = _eager_last_block_probs(model.model.visual, pv, grid)
+    assert len(probs) == sum(t for t, _, _ in grids)                         # one segment per temporal grid frame
+    received = torch.cat([p[0].float().mean(dim=(0, 1)) for p in probs])
+    o = 0
+    for v, (t, h, w) in enumerate(grids):
+        n = h * w // sms ** 2
+        ref = received[o:o + t * h * w].reshape(t, n, sms ** 2).mean(-1)
+        o += t * h * w
+        assert scores[v].shape == (t, n) and scores[v].dtype == torch.float32
+        # fp32 throughout on both sides; the only difference is the summation order of the head / query means
+        # (and of the matmul reduction), a few ulps of values <= 1: 1e-6 absolute is ~10x that
+        torch.testing.assert_close(scores[v], ref, atol=1e-6, rtol=0)
+        # sanity: a frame's received attention sums to 1 over its patches, so its tokens' means sum to 1 / sms^2
+        torch.testing.assert_close(scores[v].sum(-1), torch.full((t,), 1.0 / sms ** 2), atol=1e-5, rtol=0)
+    # the hook path (one vision pass) and the fallback (last block's input recomputed eagerly) agree bit for bit
+    with torch.no_grad():
+        x, cu, pe = _last_block_inputs_eager(model.model.visual, pv, grid)
+        fallback = _received_attention_varlen(model.model.visual.blocks[-1], x, cu, pe)
+        # and chunking (one frame at a time vs several) does not change the scores
+        one = _received_attention_varlen(model.model.visual.blocks[-1], x, cu, pe, max_bytes=1)
+    assert fallback.shape == (int(grid.prod(-1).sum()),)
+    grouped = fallback.reshape(-1, sms ** 2).mean(-1)       # every video's h*w is a multiple of sms^2: same groups
+    assert torch.equal(grouped, torch.cat([s.reshape(-1) for s in scores]))
+    torch.testing.assert_close(one, fallback, atol=1e-7, rtol=0)
+
+
+def test_report_says_which_scores_are_used(zm):
+    (m,) = _opt(zm.model, 0.25).report.runtime_results[0].matches
+    assert "scores=attention" in m.what and "proxy" not in m.what
+    (m,) = _opt(zm.model, 0.25, scores="proxy").report.runtime_results[0].matches
+    assert "scores=proxy" in m.what
+
+
+def test_attention_scores_drive_the_merge_and_differ_from_proxy(zm):
+    """The pass's merges equal holitom_merge fed the last block's received attention (computed here on the unmodified
+    model), and on these inputs the attention-selected tokens differ from the proxy-selected ones."""
+    from vopt.merging import holitom_merge
+    from vopt.merging.families.qwen2vl import qwen2vl_video_features_and_scores
+
+    cfg = HoliTomConfig(retain_ratio=0.25)
+    inputs = zm.example_inputs(batch=2, seed=8)
+    with torch.no_grad():
+        att = _opt(zm.model, 0.25)(**inputs).holitom
+        prx = _opt(zm.model, 0.25, scores="proxy")(**inputs).holitom
+        feats, scores = qwen2vl_video_features_and_scores(zm.model, inputs["pixel_values_videos"],
+                                                          inputs["video_grid_thw"], True)
+    differ = 0
+    for v, (t, h, w) in enumerate(inputs["video_grid_thw"].tolist()):
+        n = h * w // 4
+        exp_att = holitom_merge(feats[v].reshape(t, n, -1), cfg, scores[v])
+        exp_prx = holitom_merge(feats[v].reshape(t, n, -1), cfg, None)
+        assert torch.equal(att.merges[v].positions, exp_att.positions)
+        assert torch.equal(att.merges[v].tokens, exp_att.tokens)
+        assert torch.equal(prx.merges[v].positions, exp_prx.positions)
+        differ += int(not torch.equal(exp_att.positions, exp_prx.positions))
+    print(f"\nattention vs proxy scores: selected tokens differ in {differ} of {len(feats)} videos")
+    assert differ >= 1

@@ -1,4 +1,6 @@
-"""What the holitom pass's model-family rewrites share: the running statistics, the per-call info on the output, the instance-only method shadowing, padding tests, the logits scatter back to the caller's layout, row compaction, and the attention a vision patch receives (spec ``shared/specs/tokens.md`` §1.1).
+"""What the holitom pass's model-family rewrites share: the running statistics, the per-call info on the output,
+the instance-only method shadowing, padding tests, the logits scatter back to the caller's layout, row compaction,
+and the attention a vision patch receives (spec ``shared/specs/tokens.md`` §1.1).
 """
 from __future__ import annotations
 

@@ -41,8 +41,14 @@ padding images) equal rows alone, a ragged unpadded batch (static frames) equals
 generate equals manual greedy decoding through the merged forward + cache. Measured on the tiny T2Vid model (8 frames
 x 4 tokens, 54-token prompt with 16 wrapper tokens): retain 0.25 keeps 8 of 32 image tokens per row, LLM sequence
 54 -> 30; retain 0.5 on 8 identical frames keeps 4 (temporal merging). Full size (169 tokens/frame, 24 frames =
-4056 image tokens + 48 wrappers): retain 0.25 -> a budget of 1014 image tokens (not run here). **Not supported on
-Idefics3**: the inner-LLM stage (skipped with the reason), images that are split into tiles
+4056 image tokens + 48 wrappers): retain 0.25 -> a budget of 1014 image tokens (not run here).
+
+Inner-LLM stage (``inner_layer=K``; :mod:`.inner_llm`): the ``<image>`` tokens the LM receives (outer-merged or
+not; wrappers and text excluded) are scored and merged at layer K of the Llama text model with their original
+positions (tested against the unmodified model with the dropped tokens masked out of layers ``>= K``: forward,
+cached decode step, left-padded ``generate``; padded outer + inner batches equal rows alone).
+
+**Not supported on Idefics3**: images that are split into tiles
 (``do_image_splitting=True``: each tile's ``n``-block would be taken as a frame; T2Vid does not split), several
 videos or images mixed with a video in one row (all of a row's images are one video), ``positions='original'`` in
 ``generate``.
@@ -58,8 +64,10 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, HoliTomCallInfo, cache_filled, compact_rows, left_padded, original_positions,
-                     pad_token_id, received_attention, record_call, restore_logits, right_padded, shadow_method)
+from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, compact_rows, left_padded,
+                     original_positions, pad_token_id, received_attention, record_call, restore_logits, right_padded,
+                     shadow_method)
+from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
     from vopt.passes.holitom import HoliTomPassConfig
@@ -249,6 +257,24 @@ def _idefics3_merge_call(model, cfg: HoliTomPassConfig, kwargs: dict, labels=Non
                                  score_mode=cfg.scores)
 
 
+def _merges(cfg: HoliTomPassConfig, kwargs: dict) -> bool:
+    """Whether the outer stage rewrites this call."""
+    return cfg.outer and _idefics3_mergeable(kwargs)
+
+
+def _inner_codes(model, cfg: HoliTomPassConfig, kwargs: dict, mi: Optional[Idefics3Merged] = None) -> None:
+    """With the inner stage on, add the decoder layers' token codes (``<image>`` tokens 1, frame wrappers and text 0,
+    padding -1) over the shortened sequence ``mi`` when the outer stage merged, else over the caller's
+    ``input_ids`` (kept when the caller already passed codes). Decode steps ignore them."""
+    if cfg.inner_layer is None:
+        return
+    img = model.config.image_token_id
+    if mi is not None:
+        kwargs[TOKENS_KWARG] = token_codes(mi.input_ids, mi.attention_mask, img)
+    elif isinstance(kwargs.get("input_ids"), torch.Tensor):
+        kwargs.setdefault(TOKENS_KWARG, token_codes(kwargs["input_ids"], kwargs.get("attention_mask"), img))
+
+
 def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``forward`` on this Idefics3 instance (module docstring, "Idefics3")."""
     cls_forward = type(model).forward
@@ -258,14 +284,13 @@ def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
         for name, value in zip(names, args):
             kwargs[name] = value
         stats = getattr(self, STATS_ATTR)
-        if not _idefics3_mergeable(kwargs):
+        mi = _idefics3_merge_call(self, cfg, kwargs, kwargs.get("labels")) if _merges(cfg, kwargs) else None
+        if mi is None or not sum(mi.tokens_before):   # not a merged prefill, or only padding images
             stats.passthrough += 1
+            _inner_codes(self, cfg, kwargs)
             return cls_forward(self, **kwargs)
         ids = kwargs["input_ids"]
-        mi = _idefics3_merge_call(self, cfg, kwargs, kwargs.get("labels"))
-        if not sum(mi.tokens_before):   # only padding images: nothing to merge
-            stats.passthrough += 1
-            return cls_forward(self, **kwargs)
+        _inner_codes(self, cfg, kwargs, mi)
         for k in _IDEFICS3_VISUAL_KWARGS:
             kwargs.pop(k, None)
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
@@ -283,8 +308,8 @@ def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
         return out
 
     shadow_method(model, "forward", forward,
-            f"HoliTom-merging ``forward`` (vopt pass 'holitom', Idefics3).\n\n{cls_forward.__doc__ or ''}",
-            inspect.signature(cls_forward))
+                  f"HoliTom-merging ``forward`` (vopt pass 'holitom', Idefics3).\n\n{cls_forward.__doc__ or ''}",
+                  forward_signature(cls_forward, cfg))
 
 
 def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -298,7 +323,8 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
         call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
-        if not _idefics3_mergeable(kwargs):
+        if not _merges(cfg, kwargs):
+            _inner_codes(self, cfg, kwargs)
             return call(*args, **kwargs)
         if cfg.positions != "compact":
             raise NotImplementedError(
@@ -308,16 +334,19 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
         with torch.no_grad():
             mi = _idefics3_merge_call(self, cfg, kwargs, left=not right)
         if not sum(mi.tokens_before):   # only padding images: nothing to merge
+            _inner_codes(self, cfg, kwargs)
             return call(*args, **kwargs)
         for k in _IDEFICS3_VISUAL_KWARGS + ("input_ids", "position_ids"):
             kwargs.pop(k, None)
         mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mask)
+        _inner_codes(self, cfg, kwargs, mi)
         record_call(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
-    shadow_method(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom', Idefics3): returns only "
-            f"the new tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    shadow_method(model, "generate", generate,
+                  "HoliTom-merging ``generate`` (vopt pass 'holitom', Idefics3): returns only the new tokens when it "
+                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
 
 
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:

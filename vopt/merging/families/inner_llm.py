@@ -1,10 +1,14 @@
-"""Inner-LLM stage of the holitom pass (LLaVA-OneVision).
+"""Inner-LLM stage of the holitom pass (LLaVA-OneVision, Qwen2-VL / GPT4Scene, Idefics3 / T2Vid).
 
 Inner-LLM stage (spec §2; ``inner_layer=K``, off by default; ``outer=False`` runs it alone). Decoder layers ``K..N-1``
 of the working copy's language model are replaced by :class:`InnerMergeLayer` wrappers (the ``ModuleList`` entries of
 the copy; the classes are untouched). The forward / generate wrappers pass one extra keyword down to the layers,
-``vopt_holitom_tokens`` (``[B, L]`` int8: 1 video placeholder, 0 text, -1 padding; added to ``forward``'s signature so
-``generate`` forwards it). At a prefill (several tokens and an empty cache *at layer K*), layer K scores the visual
+``vopt_holitom_tokens`` (``[B, L]`` int8 from :func:`token_codes`: 1 visual token that may be merged, 0 any other
+real token, -1 padding; added to ``forward``'s signature by :func:`forward_signature` so ``generate`` forwards it).
+Which tokens are visual is the family's choice: LLaVA-OV's video placeholders; Qwen2-VL's video placeholders (the BEV
+image and ``vopt_holitom_protect``-ed patches stay 0: never merged); Idefics3's ``<image>`` tokens (the frames; the
+wrapper tokens and text stay 0).
+At a prefill (several tokens and an empty cache *at layer K*), layer K scores the visual
 tokens with the attention its own normed ``q``/``k`` projections + RoPE give them from each row's last
 ``inner_queries`` real tokens (no attention probabilities are requested from the kernel, so SDPA stays), and
 :func:`vopt.merging.inner.inner_merge` keeps ``ceil(inner_keep * n)`` per row and averages each dropped token into its
@@ -17,10 +21,19 @@ because the caches of layers ``>= K`` hold only the kept tokens. The language mo
 wrapper refuses ``torch.export``: token choice depends on the data; the report shows the reason). Tested: keep=1 is
 bit-identical, batch rows (right/left padding, ragged) equal single rows, the scores equal HF eager attention
 probabilities, generation's first token equals the merged forward's greedy answer.
+
+The language model is found as ``model.model.language_model`` (LLaVA-OV, Qwen2-VL) or ``model.model.text_model``
+(Idefics3); its decoder layers must have Qwen2/Llama-style attention (``q_proj`` / ``k_proj`` / ``head_dim``) and
+their module an ``apply_rotary_pos_emb`` taking ``cos, sin [B, L, head_dim]``. Qwen2-VL's M-RoPE qualifies: its
+rotary embedding already folds the three position rows into one ``[B, L, head_dim]`` table, so gathering the kept
+tokens' rows of that table keeps each token's 3-D position; decode steps continue at ``cache length + rope_deltas``
+with the cache length of layer 0 (which holds every token), as unmerged.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
+
+import inspect
 
 import torch
 
@@ -31,6 +44,31 @@ from .common import TOKENS_KWARG, InnerStats
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
     from vopt.passes.holitom import HoliTomPassConfig
+
+
+def token_codes(ids: torch.Tensor, attention_mask: Optional[torch.Tensor], visual_id: int,
+                protect: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, L]`` int8 codes for the decoder layers: 1 where ``ids == visual_id`` (and not ``protect``), 0 at other
+    real tokens, -1 at padding (``attention_mask == 0``)."""
+    visual = ids == visual_id
+    if protect is not None:
+        visual &= ~protect.to(torch.bool)
+    codes = visual.to(torch.int8)
+    if attention_mask is not None:
+        codes = codes.masked_fill(attention_mask == 0, -1)
+    return codes
+
+
+def forward_signature(cls_forward, cfg: HoliTomPassConfig) -> inspect.Signature:
+    """``cls_forward``'s signature, plus the keyword-only ``vopt_holitom_tokens`` when the inner stage is on:
+    ``generate()`` validates its kwargs against the forward's signature and must let the codes through."""
+    sig = inspect.signature(cls_forward)
+    if cfg.inner_layer is None:
+        return sig
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(TOKENS_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:at] + [extra] + params[at:])
 
 
 class _InnerState:
@@ -130,7 +168,8 @@ class _InnerState:
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
             raise NotImplementedError(f"holitom inner merging needs a 4-D tensor attention mask or None, got "
                                       f"{type(mask).__name__}")
-        cols = torch.cat([self.keep_idx, torch.arange(self.full_len, mask.shape[-1], device=mask.device).expand(B, -1)], 1)
+        later = torch.arange(self.full_len, mask.shape[-1], device=mask.device).expand(B, -1)
+        cols = torch.cat([self.keep_idx, later], 1)
         m = mask.expand(B, *mask.shape[1:])
         m = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], m.shape[2], cols.shape[1]))
         if self.valid is not None:
@@ -195,11 +234,15 @@ class InnerMergeLayer(torch.nn.Module):
 
 
 def install_inner(model, cfg: HoliTomPassConfig, stats: InnerStats) -> str:
-    """Wrap layers K..N-1 of LLaVA-OneVision's language model; returns a description for the report."""
+    """Wrap layers K..N-1 of the model's language model (module docstring); returns a description for the report."""
     import importlib
 
-    lm = model.model.language_model
-    layers = lm.layers
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None) or getattr(inner, "text_model", None)
+    layers = getattr(lm, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(f"holitom inner merging: {type(model).__name__} has no model.language_model.layers or "
+                          "model.text_model.layers (a decoder-layer ModuleList is expected)")
     n = len(layers)
     if cfg.inner_layer >= n:
         raise ConfigError(f"HoliTomPassConfig.inner_layer={cfg.inner_layer} is out of range: the language model has "

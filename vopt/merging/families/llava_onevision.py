@@ -87,6 +87,7 @@ from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
 from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, left_padded, original_positions,
                      pad_token_id, received_attention, record_call, restore_logits, shadow_method)
+from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
     from vopt.passes.holitom import HoliTomPassConfig
@@ -241,13 +242,6 @@ def merge_video_inputs(model, input_ids: torch.Tensor, pixel_values_videos: torc
                         pad(rows_l, -100) if labels is not None else None, before, after, merges)
 
 
-def _token_codes(model, ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    codes = (ids == model.config.video_token_id).to(torch.int8)
-    if attention_mask is not None:
-        codes = codes.masked_fill(attention_mask == 0, -1)
-    return codes
-
-
 def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``generate`` on this instance: a call with ``pixel_values_videos`` and ``input_ids`` is turned into
     ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>)`` (spec §3 Option A). transformers 5.x's own
@@ -262,7 +256,8 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
         call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
         if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
-            kwargs.setdefault(TOKENS_KWARG, _token_codes(self, ids, kwargs.get("attention_mask")))  # to every forward
+            # the codes go to every forward of the generation
+            kwargs.setdefault(TOKENS_KWARG, token_codes(ids, kwargs.get("attention_mask"), self.config.video_token_id))
         if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None):
             return call(*args, **kwargs)
@@ -278,12 +273,13 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
             kwargs.pop(k, None)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
         if cfg.inner_layer is not None:
-            kwargs[TOKENS_KWARG] = _token_codes(self, mi.input_ids, mi.attention_mask)
+            kwargs[TOKENS_KWARG] = token_codes(mi.input_ids, mi.attention_mask, self.config.video_token_id)
         record_call(self, getattr(self, STATS_ATTR), mi, match)
         return call(*args, **kwargs)
 
-    shadow_method(model, "generate", generate, "HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new "
-            f"tokens when it merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    shadow_method(model, "generate", generate,
+                  "HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new tokens when it "
+                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
 
 
 def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
@@ -297,7 +293,7 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         stats = getattr(self, STATS_ATTR)
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
         if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
-            kwargs.setdefault(TOKENS_KWARG, _token_codes(self, ids, kwargs.get("attention_mask")))
+            kwargs.setdefault(TOKENS_KWARG, token_codes(ids, kwargs.get("attention_mask"), self.config.video_token_id))
         if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
                 or cache_filled(kwargs.get("cache", kwargs.get("past_key_values")))):
@@ -310,7 +306,7 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         kwargs.pop("image_sizes_videos", None)
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
         if cfg.inner_layer is not None:
-            kwargs[TOKENS_KWARG] = _token_codes(self, mi.input_ids, mi.attention_mask)
+            kwargs[TOKENS_KWARG] = token_codes(mi.input_ids, mi.attention_mask, self.config.video_token_id)
         if mi.labels is not None:
             kwargs["labels"] = mi.labels
         if cfg.positions == "original":
@@ -324,14 +320,9 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
                                       mi.tokens_after, mi.merges)
         return out
 
-    sig = inspect.signature(cls_forward)  # generate() validates its kwargs against it
-    if cfg.inner_layer is not None:  # ... and must let the visual-token mask through to every forward
-        params = list(sig.parameters.values())
-        extra = inspect.Parameter(TOKENS_KWARG, inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-        sig = sig.replace(parameters=params[:at] + [extra] + params[at:])
     shadow_method(model, "forward", forward,
-            f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}", sig)
+                  f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}",
+                  forward_signature(cls_forward, cfg))
 
 
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:

@@ -189,4 +189,4 @@ def install(model, cfg: HoliTomPassConfig, match: Match) -> None:
 
     setattr(model, STREAM_STATE_ATTR, _StreamState())
     shadow_method(model, "prefill_frame", prefill_frame, "Prefill one frame as [interval id, merged frame tokens] "
-            "(installed by the holitom pass: per-frame HoliTom merging in the stream).")
+                  "(installed by the holitom pass: per-frame HoliTom merging in the stream).")
