@@ -104,8 +104,8 @@ class HoliTomPassConfig(VoptConfig):
     outer: bool = config_field(
         True, help="Run the outer-LLM stage (merge between projector and LLM). False: inner-LLM merging only.")
     inner_layer: Optional[int] = config_field(
-        None, help="Inner-LLM merging at this decoder layer (HoliTom's K: 18 of LLaVA-OV-7B's 28 layers); None: off. "
-        "Layers from K on see the shortened sequence; the language model then runs eagerly (token choice is data "
+        None, help="Inner-LLM merging at this decoder layer, >= 1 (HoliTom's K: 18 of LLaVA-OV-7B's 28 layers); None: "
+        "off. Layers from K on see the shortened sequence; the language model then runs eagerly (token choice is data "
         "dependent).")
     inner_keep: float = config_field(
         0.5, help="Fraction of the visual tokens reaching layer K that are kept there (HoliTom: 0.5).")
@@ -118,8 +118,9 @@ class HoliTomPassConfig(VoptConfig):
     def validate(self) -> None:
         name = type(self).__name__
         if self.inner_layer is not None and (isinstance(self.inner_layer, bool) or not isinstance(self.inner_layer, int)
-                                             or self.inner_layer < 0):
-            raise ConfigError(f"{name}.inner_layer must be None or an int >= 0, got {self.inner_layer!r}")
+                                             or self.inner_layer < 1):
+            raise ConfigError(f"{name}.inner_layer must be None or an int >= 1 (layer 0's cache must hold every token: "
+                              f"its length numbers later positions), got {self.inner_layer!r}")
         if not 0.0 < self.inner_keep <= 1.0:
             raise ConfigError(f"{name}.inner_keep must be in (0, 1], got {self.inner_keep!r}")
         if isinstance(self.inner_queries, bool) or not isinstance(self.inner_queries, int) or self.inner_queries < 1:
@@ -149,9 +150,8 @@ def _supported(model) -> Optional[str]:
 @register_pass
 class HoliTomPass(Pass):
     name = "holitom"
-    summary = ("HoliTom outer- and inner-LLM video-token merging for LLaVA-OneVision, outer for Qwen2-VL with 3-D "
-               "M-RoPE positions (shortened inputs_embeds) and for Idefics3 (T2Vid: frames as images), per-frame "
-               "merging in VideoLLM-online's stream; opt-in")
+    summary = ("HoliTom outer- and inner-LLM video-token merging for LLaVA-OneVision, Qwen2-VL (3-D M-RoPE "
+               "positions), Idefics3 (T2Vid: frames as images) and VideoLLM-online's stream (frame by frame); opt-in")
     config_cls = HoliTomPassConfig
     kind = PassKind.RUNTIME
     provides = frozenset({"tokens:holitom_outer"})
@@ -174,9 +174,9 @@ class HoliTomPass(Pass):
             return self._run_qwen2vl(model, ctx, result, kind, budget)
         if idefics3.is_idefics3(model):
             return self._run_idefics3(model, ctx, result, kind, budget)
-        what = kind + (f" {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} "
-                       f"rounding={m.budget_rounding.value} positions={cfg.positions} logits={cfg.logits}"
-                       if cfg.outer else " HoliTom (no outer stage)")
+        what = kind + (f" {'HoliTom' if m.method == 'holitom' else m.method} outer {budget} tau={m.tau:g} "
+                       f"beta={m.beta:g} D={m.dominant_ratio:g} knn={m.knn} rounding={m.budget_rounding.value} "
+                       f"positions={cfg.positions} logits={cfg.logits}" if cfg.outer else " HoliTom (no outer stage)")
         return self._install(model, ctx, result, what, llava_onevision.install)
 
     def _install(self, model: Any, ctx: PassContext, result: PassResult, what: str, install_family) -> PassResult:
@@ -227,17 +227,22 @@ class HoliTomPass(Pass):
     def _run_stream(self, model: Any, ctx: PassContext, result: PassResult, kind: str) -> PassResult:
         """VideoLLM-online-style streaming (module docstring, "Streaming"): per-frame merging in ``prefill_frame``."""
         m, cfg = self.config.merge, self.config
-        reason = None
         if getattr(vars(model).get("prefill_frame"), WRAPPED, False):
-            reason = "prefill_frame() is already wrapped by holitom"
-        elif cfg.inner_layer is not None:
-            reason = ("the inner-LLM stage (inner_layer) is not supported on a stream (per-frame outer merging only: "
-                      "leave inner_layer=None)")
-        elif not cfg.outer:
-            reason = "outer=False: a stream supports only the outer (per-frame) stage, nothing to do"
-        if reason is not None:
-            result.matches.append(Match("model", kind, rewritten=False, reason=reason))
+            result.matches.append(Match("model", kind, rewritten=False,
+                                        reason="prefill_frame() is already wrapped by holitom"))
             return result
+        if not cfg.outer:
+            what = f"{kind} streaming prefill_frame(): HoliTom (no outer stage: every frame token reaches the LM)"
+            return self._install(model, ctx, result, what, stream.install)
+        n = model.tokens_per_frame
+        k = stream.stream_frame_budget(m, n)
+        budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"
+        what = (f"{kind} streaming prefill_frame(): per-frame HoliTom {budget} -> {k} of {n} tokens per frame (CLS "
+                f"kept untouched; temporal: static vs the previous frame's kept tokens, tau={m.tau:g}; spatial: "
+                f"DPC-KNN knn={m.knn} {m.cluster_merge.value if hasattr(m.cluster_merge, 'value') else m.cluster_merge}"
+                f" merge, beta={m.beta:g}); interval/text never merged; compact positions; state per cache; forward() "
+                "(whole-stream embedding) unmerged")
+        return self._install(model, ctx, result, what, stream.install)
         n = model.tokens_per_frame
         k = stream.stream_frame_budget(m, n)
         budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"

@@ -1,6 +1,9 @@
 """The ``holitom`` pass on VideoLLM-online's stream: per-frame merging before each frame is prefilled."""
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -124,9 +127,99 @@ def test_callers_model_untouched(base):
     assert c.get_seq_length() == 2 * (1 + base.tokens_per_frame)
 
 
-def test_unsupported_stream_options_are_skipped(base):
-    m = _match(_opt(base, retain=0.5, inner_layer=1))
-    assert not m.rewritten and "inner-LLM stage" in m.reason
+def _stream_reference(base, frames, K: int, keep: float, text: torch.Tensor, steps: int):
+    """The unmodified LM on the whole stream at once, uncached: per frame chunk ``[interval, CLS, patches]`` the
+    kept patches are the top ``ceil(keep * (patches - 1))`` by the **eager** attention of the chunk's last token (a
+    patch, never dropped: it is the scoring query) at layer K
+    (HF ``output_attentions``; earlier chunks' dropped tokens already masked there), and layers >= K never attend to
+    a dropped token. Returns each frame's last-position logits, and the greedy reply after ``text``, with logits."""
+    lm = base.language_model
+    n = base.tokens_per_frame
+    interval = torch.full((1, 1), base.interval_token_id, dtype=torch.long)
+    chunks = [torch.cat([base.embed_ids(interval), base.frame_embeddings(f)], 1) for f in frames.unbind(1)]
+    embeds = torch.cat(chunks, 1)
+    L = embeds.shape[1]
+    kept = torch.ones(1, L, dtype=torch.bool)
+    eager = copy.deepcopy(lm)
+    eager.set_attn_implementation("eager")
+
+    def run(model, e, kept, **kw):
+        T = e.shape[1]
+        allowed = torch.ones(T, T, dtype=torch.bool).tril() & kept[:, None, :T] | torch.eye(T, dtype=torch.bool)
+        add = torch.zeros(1, 1, T, T).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        hooks = [layer.register_forward_pre_hook(lambda m, a, k: (a, {**k, "attention_mask": add}), with_kwargs=True)
+                 for layer in model.model.layers[K:]]
+        try:
+            return model(inputs_embeds=e, use_cache=False, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    for f in range(frames.shape[1]):   # the chunks one by one: each choice sees the earlier ones' masks
+        s = f * (1 + n)
+        att = run(eager, embeds[:, :s + 1 + n], kept, output_attentions=True).attentions[K]
+        patches = torch.arange(s + 2, s + n)
+        imp = att[0, :, s + n, patches].mean(0)
+        kept[0, patches] = False
+        kept[0, patches[imp.topk(math.ceil(keep * (n - 2))).indices]] = True
+    per_frame = run(lm, embeds, kept).logits[0, n::1 + n]
+    reply, logits = [], []
+    e, kk = torch.cat([embeds, base.embed_ids(text)], 1), torch.cat([kept, torch.ones_like(text).bool()], 1)
+    for _ in range(steps):
+        last = run(lm, e, kk).logits[:, -1]
+        logits.append(last)
+        tok = last.argmax(-1, keepdim=True)
+        reply.append(tok)
+        e, kk = torch.cat([e, base.embed_ids(tok)], 1), torch.cat([kk, torch.ones_like(tok).bool()], 1)
+    return per_frame, torch.cat(reply, 1), logits
+
+
+def test_inner_stage_in_the_stream_equals_the_masked_unmodified_model(base):
+    """Every frame is merged at layer K as it is prefilled onto the cache (its last token's attention over the
+    cached entries and the frame, as the model computes it); later frames, a text turn and the reply attend only to
+    the kept entries of layers >= K. fp32; the pass works on gathered sequences, the reference on full masked ones:
+    atol 2e-5."""
+    K, keep = 1, 0.5
+    frames = _frames(4, seed=5)
+    text = torch.randint(12, 100, (1, 3), generator=torch.Generator().manual_seed(1))
+    opt = _opt(base, retain=1.0, outer=False, inner_layer=K, inner_keep=keep, inner_merge=False)
+    m = _match(opt)
+    assert m.rewritten and "no outer stage" in m.what and f"inner K={K}/" in m.what
+    with torch.no_grad():
+        want_frames, want_reply, want_logits = _stream_reference(base, frames, K, keep, text, 3)
+        c = opt.new_cache()
+        got = torch.cat(list(opt.stream(frames, c)))
+        n = base.tokens_per_frame
+        assert c.get_seq_length(0) == 4 * (1 + n)
+        assert c.get_seq_length(K) == 4 * (3 + math.ceil(keep * (n - 2)))   # interval, CLS, kept patches, last
+        last = opt.prefill_ids(text, c)
+        reply = opt.respond(last, c, 3)
+    torch.testing.assert_close(got, want_frames, rtol=0, atol=2e-5)
+    torch.testing.assert_close(last, want_logits[0], rtol=0, atol=2e-5)
+    assert torch.equal(reply, want_reply)
+    st = getattr(opt.module, STATS_ATTR).inner
+    assert (st.prefills, st.visual_before, st.visual_after) == (4, 4 * (n - 2), 4 * math.ceil(keep * (n - 2)))
+
+
+def test_outer_and_inner_stream_keeps_one_map_per_cache(base):
+    """Outer (per frame) + inner (layer K) merging; two streams interleaved on two caches equal each run alone."""
+    opt = _opt(base, retain=0.8, inner_layer=1, inner_keep=0.5)   # 4 of 5 frame tokens, then 1 of 2 patches at K
+    a, b = _frames(3, seed=1), _frames(3, seed=2)
+    with torch.no_grad():
+        ca, cb = opt.new_cache(), opt.new_cache()
+        inter = [(opt.prefill_frame(fa, ca), opt.prefill_frame(fb, cb)) for fa, fb in zip(a.unbind(1), b.unbind(1))]
+        ra, rb = opt.respond(inter[-1][0], ca, 3), opt.respond(inter[-1][1], cb, 3)
+        alone = []
+        for frames in (a, b):
+            c = opt.new_cache()
+            logits = list(opt.stream(frames, c))
+            alone.append((torch.cat(logits), opt.respond(logits[-1], c, 3), c))
+    assert torch.equal(torch.cat([x[0] for x in inter]), alone[0][0])
+    assert torch.equal(torch.cat([x[1] for x in inter]), alone[1][0])
+    assert torch.equal(ra, alone[0][1]) and torch.equal(rb, alone[1][1])
+    c = alone[0][2]
+    # per frame [interval, CLS, p1, p2, p3]: p3 scores (kept), one of p1 / p2 kept at layer 1; 3 reply tokens
+    assert c.get_seq_length(0) == 3 * 5 + 3 and c.get_seq_length(1) == 3 * 4 + 3
 
 
 def test_frame_merge_is_weighted_mean_budget_exact_and_drops_static_first():

@@ -28,11 +28,13 @@ cache** (a weak map on the working copy, ``model.vopt_holitom_stream``: cache ->
 patch tokens per row), so any fresh cache (``new_cache()``) starts a fresh stream and concurrent streams do not mix;
 a call with another batch size restarts the state. ``retain_ratio=1.0`` (``k = n``) calls the class's own
 ``prefill_frame``: bit-identical to the unmodified stream. ``stats.static_tokens`` counts static tokens. **Not
-merged**: ``forward`` (the whole-stream offline embedding path stays unmerged; the match says so). **Not supported on
-a stream**: the inner-LLM stage (skipped with the reason). Measured (tiny zoo model, n = 5: CLS + 2x2; 8 random
+merged**: ``forward`` (the whole-stream offline embedding path stays unmerged; the match says so). The inner-LLM
+stage (``inner_layer=K``, :mod:`.inner_llm`) merges each frame's patch tokens again at layer K as the frame is
+prefilled (its last token, which scores them and whose logits decide whether to respond, is kept; ``outer=False``
+runs it alone). Measured (tiny zoo model, n = 5: CLS + 2x2; 8 random
 frames): retain 0.5 keeps 3 of 5 tokens per frame, cache after the frames 48 -> 32; retain 0.25: 2 of 5, 48 -> 24;
-a stream of one repeated frame finds all 4 patch tokens of each repeat static, 8 random frames none (0 of 28). Full size (n = 10): retain 0.5 -> 5,
-0.25 -> 3, 0.1 -> 1 (CLS only) tokens per frame.
+a stream of one repeated frame finds all 4 patch tokens of each repeat static, 8 random frames none (0 of 28). Full
+size (n = 10): retain 0.5 -> 5, 0.25 -> 3, 0.1 -> 1 (CLS only) tokens per frame.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import spatial_merge
 from .common import STATS_ATTR, HoliTomStats, shadow_method
+from .inner_llm import INNER_STATE_ATTR
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
     from vopt.passes.holitom import HoliTomPassConfig
@@ -141,8 +144,9 @@ def stream_frame_merge(frame: torch.Tensor, prev: Optional[torch.Tensor], k: int
 
 class _StreamState:
     """Temporal state of the streams of one working copy, **per cache**: a weak map ``cache -> [B] list of the
-    previous frame's (kept patch tokens, unmerged patch tokens)``. A cache from ``new_cache()`` (or any other fresh cache) has no entry, so a
-    new stream starts fresh; the entry dies with its cache. ``copy.deepcopy`` gives an empty state."""
+    previous frame's (kept patch tokens, unmerged patch tokens)``. A cache from ``new_cache()`` (or any other fresh
+    cache) has no entry, so a new stream starts fresh; the entry dies with its cache. ``copy.deepcopy`` gives an
+    empty state."""
 
     def __init__(self):
         import weakref
@@ -156,14 +160,13 @@ class _StreamState:
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``prefill_frame`` on this instance only (``stream()`` calls ``self.prefill_frame``): the frame's
     tokens are merged (:func:`stream_frame_merge`) before ``[interval id, kept tokens]`` is prefilled with the model's
-    own ``extend`` (compact positions: the cache length counts kept tokens). Class untouched."""
+    own ``extend`` (compact positions: the cache length counts kept tokens). With the inner stage installed, the
+    frame's codes (its patch tokens: 1; the interval token and the CLS: 0) are handed to it for this one call (its
+    ``pending``), so layer K merges the frame's tokens on top (module docstring). Class untouched."""
     merge = cfg.merge
     first = [True]
 
-    @torch.no_grad()
-    def prefill_frame(self, frame: torch.Tensor, cache) -> torch.Tensor:
-        n = self.tokens_per_frame
-        k = stream_frame_budget(merge, n)
+    def _prefill(self, frame: torch.Tensor, cache, n: int, k: int) -> torch.Tensor:
         stats: HoliTomStats = getattr(self, STATS_ATTR)
         stats.calls += 1
         stats.videos += frame.shape[0]
@@ -186,6 +189,22 @@ def install(model, cfg: HoliTomPassConfig, match: Match) -> None:
         interval = torch.full((frame.shape[0], 1), self.interval_token_id, dtype=torch.long, device=frame.device)
         embeds = torch.cat([self.embed_ids(interval), torch.stack([r.tokens for r in rows])], dim=1)
         return self.extend(embeds, cache)
+
+    @torch.no_grad()
+    def prefill_frame(self, frame: torch.Tensor, cache) -> torch.Tensor:
+        n = self.tokens_per_frame
+        k = stream_frame_budget(merge, n) if cfg.outer else n
+        inner = getattr(self, INNER_STATE_ATTR, None)
+        if inner is None:
+            return _prefill(self, frame, cache, n, k)
+        # the inner stage merges this frame's patch tokens at layer K (the interval token and the CLS are not merged)
+        codes = torch.ones(frame.shape[0], 1 + k, dtype=torch.int8, device=frame.device)
+        codes[:, :2] = 0
+        inner.pending = codes
+        try:
+            return _prefill(self, frame, cache, n, k)
+        finally:
+            inner.pending = None
 
     setattr(model, STREAM_STATE_ATTR, _StreamState())
     shadow_method(model, "prefill_frame", prefill_frame, "Prefill one frame as [interval id, merged frame tokens] "
