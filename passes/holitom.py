@@ -243,17 +243,3 @@ class HoliTomPass(Pass):
                 f" merge, beta={m.beta:g}); interval/text never merged; compact positions; state per cache; forward() "
                 "(whole-stream embedding) unmerged")
         return self._install(model, ctx, result, what, stream.install)
-        n = model.tokens_per_frame
-        k = stream.stream_frame_budget(m, n)
-        budget = f"token_budget={m.token_budget}" if m.token_budget is not None else f"retain_ratio={m.retain_ratio:g}"
-        what = (f"{kind} streaming prefill_frame(): per-frame HoliTom {budget} -> {k} of {n} tokens per frame (CLS "
-                f"kept untouched; temporal: static vs the previous frame's kept tokens, tau={m.tau:g}; spatial: "
-                f"DPC-KNN knn={m.knn} {m.cluster_merge.value if hasattr(m.cluster_merge, 'value') else m.cluster_merge}"
-                f" merge, beta={m.beta:g}); interval/text never merged; compact positions; state per cache; forward() "
-                "(whole-stream embedding) unmerged")
-        match = Match("model", what, rewritten=True)
-        if not ctx.dry_run:
-            setattr(model, STATS_ATTR, HoliTomStats())
-            stream.install(model, cfg, match)
-        result.matches.append(match)
-        return result

@@ -583,12 +583,16 @@ class ModelBench:
         return res
 
     def _visual_tokens(self, model) -> Optional[float]:
+        """Visual tokens per video entering the LLM: the zoo's count, minus what HoliTom merged away (its stats count
+        only the tokens it merges: GPT4Scene's BEV image tokens, for one, stay in the zoo's count)."""
+        full = None
+        if self.zm.visual_tokens is not None and self.zm.default_frames:
+            full = float(self.zm.visual_tokens(self.zm.default_frames))
         stats = getattr(model, "vopt_holitom_stats", None)
         if stats is not None and stats.videos:
-            return stats.tokens_after / stats.videos
-        if self.zm.visual_tokens is not None and self.zm.default_frames:
-            return float(self.zm.visual_tokens(self.zm.default_frames))
-        return None
+            merged = (stats.tokens_before - stats.tokens_after) / stats.videos
+            return full - merged if full is not None else stats.tokens_after / stats.videos
+        return full
 
     def _tokens_and_cost(self, v: Variant, model, res: Measured, gen_extra: dict) -> None:
         m = res.metrics

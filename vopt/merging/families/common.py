@@ -4,6 +4,7 @@ and the attention a vision patch receives (spec ``shared/specs/tokens.md`` §1.1
 """
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional
@@ -203,3 +204,70 @@ def compact_rows(keep: torch.Tensor, left: bool) -> torch.Tensor:
     src = j - (Lp - counts)[:, None] if left else j
     valid = (src >= 0) & (src < counts[:, None])
     return torch.where(valid, order.gather(1, src.clamp(0, Lp - 1)), -1)
+
+
+def gather_kept(model, keep: torch.Tensor, left: bool, embeds: torch.Tensor, input_ids: torch.Tensor,
+                mask: torch.Tensor) -> tuple:
+    """``(index [B, L'], inputs_embeds, input_ids, attention_mask)`` of the tokens where ``keep [B, L]`` is True,
+    gathered per row in order (:func:`compact_rows`; ``index`` -1 at added padding); rows left shorter are padded on
+    the ``left`` (else right) with the pad token's id and embedding and mask 0."""
+    idx = compact_rows(keep, left)
+    fill, g = idx < 0, idx.clamp(min=0)
+    pad_id = pad_token_id(model)
+    pad_emb = model.get_input_embeddings()(torch.tensor([pad_id], device=input_ids.device)).to(embeds.dtype)[0]
+    out_emb = torch.where(fill[..., None], pad_emb, embeds.gather(1, g[..., None].expand(*g.shape, embeds.shape[-1])))
+    return idx, out_emb, input_ids.gather(1, g).masked_fill(fill, pad_id), mask.gather(1, g).masked_fill(fill, 0)
+
+
+def shadow_generate(model, family: str, rewrite) -> None:
+    """Shadow ``generate`` on this instance: ``rewrite(self, kwargs)`` edits the call's keyword arguments in place (a
+    positional ``input_ids`` is moved into them), then the previous instance ``generate`` (else the class's) runs.
+    transformers 5.x's own ``generate`` never hands the ``forward`` wrapper the pixel inputs (it precomputes
+    ``mm_encoder_outputs``), so a family merges a generation here, turning it into an ``inputs_embeds`` generation
+    (which returns only the new tokens)."""
+    previous = vars(model).get("generate")
+    cls_generate = type(model).generate
+
+    def generate(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        rewrite(self, kwargs)
+        return previous(*args, **kwargs) if previous is not None else cls_generate(self, *args, **kwargs)
+
+    shadow_method(model, "generate", generate,
+                  f"HoliTom-merging ``generate`` (vopt pass 'holitom', {family}): returns only the new tokens when it "
+                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+
+
+def shadow_forward(model, family: str, signature: inspect.Signature, body) -> None:
+    """Shadow ``forward`` on this instance: ``body(self, cls_forward, kwargs)`` runs the call, its positional
+    arguments bound to their names first. ``signature`` is what ``generate`` validates its kwargs against."""
+    cls_forward = type(model).forward
+    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
+
+    def forward(self, *args, **kwargs):
+        kwargs.update(zip(names, args))
+        return body(self, cls_forward, kwargs)
+
+    shadow_method(model, "forward", forward,
+                  f"HoliTom-merging ``forward`` (vopt pass 'holitom', {family}).\n\n{cls_forward.__doc__ or ''}",
+                  signature)
+
+
+def forward_merged(model, cls_forward, cfg: HoliTomPassConfig, kwargs: dict, mi, ids: torch.Tensor, match: Match,
+                   stats: HoliTomStats):
+    """The class ``forward`` on a merged call with 1-D positions (LLaVA-OV, Idefics3; ``kwargs`` already carry the
+    shortened ``inputs_embeds`` / ``attention_mask``): ``labels`` and positions (``'original'``: gapped, see
+    :func:`original_positions`; else compact, ``None``), then the statistics, the logits layout and ``out.holitom``."""
+    if mi.labels is not None:
+        kwargs["labels"] = mi.labels
+    if cfg.positions == "original":
+        kwargs["position_ids"] = original_positions(mi, kwargs.get("position_ids"), ids.shape)
+    elif mi.shortened:
+        kwargs["position_ids"] = None
+    out = cls_forward(model, **kwargs)
+    record_call(model, stats, mi, match)
+    restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
+    mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
+    out.holitom = HoliTomCallInfo(mi.input_ids, mask, mi.index, mi.tokens_before, mi.tokens_after, mi.merges)
+    return out

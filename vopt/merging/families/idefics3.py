@@ -23,7 +23,7 @@ sampled frame is one image without splitting, ``<fake_token_around_image> [<glob
     segment's first frame, spatial clusters: the centre's frame), in HoliTom's output order (static first, then the
     frame's dynamic tokens; that order is already frame-monotonic), filling the block's first slots; the block's other
     slots are dropped. A frame that keeps no token leaves an empty wrapper pair (2 tokens), so the LM still sees the
-    frame boundaries and any per-frame text in order. Rows left shorter are gathered (:func:`compact_rows`) and
+    frame boundaries and any per-frame text in order. Rows left shorter are gathered (:func:`~.common.gather_kept`) and
     padded on the caller's side (right when unpadded; ``generate`` pads left unless the caller right-padded) with
     ``pad_token_id``, mask 0, ``labels`` -100 at image tokens;
 (d) the class ``forward`` runs with ``input_ids=None, inputs_embeds, attention_mask`` and no ``pixel_values`` /
@@ -55,7 +55,6 @@ videos or images mixed with a video in one row (all of a row's images are one vi
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional
 
@@ -64,9 +63,8 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, compact_rows, left_padded,
-                     original_positions, pad_token_id, received_attention, record_call, restore_logits, right_padded,
-                     shadow_method)
+from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, gather_kept, left_padded,
+                     received_attention, record_call, right_padded, shadow_forward, shadow_generate)
 from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
@@ -225,14 +223,8 @@ def merge_idefics3_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Te
         frames.append(F)
     if left is None:
         left = attention_mask is not None and left_padded(attention_mask)
-    idx = compact_rows(keep, left)
-    fill = idx < 0
-    g = idx.clamp(min=0)
-    pad_id = pad_token_id(model)
-    pad_emb = model.get_input_embeddings()(torch.tensor([pad_id], device=input_ids.device)).to(merged.dtype)[0]
-    out_emb = torch.where(fill[..., None], pad_emb, new_emb.gather(1, g[..., None].expand(*g.shape, merged.shape[-1])))
-    out_ids = input_ids.gather(1, g).masked_fill(fill, pad_id)
-    out_mask = mask.gather(1, g).masked_fill(fill, 0)
+    idx, out_emb, out_ids, out_mask = gather_kept(model, keep, left, new_emb, input_ids, mask)
+    fill, g = idx < 0, idx.clamp(min=0)
     out_slot = slot.gather(1, g).masked_fill(fill, -1)
     out_labels = None
     if labels is not None:
@@ -277,12 +269,7 @@ def _inner_codes(model, cfg: HoliTomPassConfig, kwargs: dict, mi: Optional[Idefi
 
 def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``forward`` on this Idefics3 instance (module docstring, "Idefics3")."""
-    cls_forward = type(model).forward
-    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
-
-    def forward(self, *args, **kwargs):
-        for name, value in zip(names, args):
-            kwargs[name] = value
+    def forward(self, cls_forward, kwargs):
         stats = getattr(self, STATS_ATTR)
         mi = _idefics3_merge_call(self, cfg, kwargs, kwargs.get("labels")) if _merges(cfg, kwargs) else None
         if mi is None or not sum(mi.tokens_before):   # not a merged prefill, or only padding images
@@ -294,38 +281,19 @@ def _wrap_forward_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
         for k in _IDEFICS3_VISUAL_KWARGS:
             kwargs.pop(k, None)
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
-        if mi.labels is not None:
-            kwargs["labels"] = mi.labels
-        if cfg.positions == "original":
-            kwargs["position_ids"] = original_positions(mi, kwargs.get("position_ids"), ids.shape)
-        elif mi.shortened:
-            kwargs["position_ids"] = None
-        out = cls_forward(self, **kwargs)
-        record_call(self, stats, mi, match)
-        restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
-        new_mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
-        out.holitom = HoliTomCallInfo(mi.input_ids, new_mask, mi.index, mi.tokens_before, mi.tokens_after, mi.merges)
-        return out
+        return forward_merged(self, cls_forward, cfg, kwargs, mi, ids, match, stats)
 
-    shadow_method(model, "forward", forward,
-                  f"HoliTom-merging ``forward`` (vopt pass 'holitom', Idefics3).\n\n{cls_forward.__doc__ or ''}",
-                  forward_signature(cls_forward, cfg))
+    shadow_forward(model, "Idefics3", forward_signature(type(model).forward, cfg), forward)
 
 
 def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``generate`` on this Idefics3 instance: a call with ``input_ids`` + ``pixel_values`` becomes
     ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>)`` (compact positions; returns only the new
     tokens). Rows left shorter are padded on the left unless the caller right-padded."""
-    previous = vars(model).get("generate")
-    cls_generate = type(model).generate
-
-    def generate(self, *args, **kwargs):
-        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-            kwargs["input_ids"], args = args[0], args[1:]
-        call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
+    def rewrite(self, kwargs):
         if not _merges(cfg, kwargs):
             _inner_codes(self, cfg, kwargs)
-            return call(*args, **kwargs)
+            return
         if cfg.positions != "compact":
             raise NotImplementedError(
                 "holitom: generate() with positions='original' (gapped position ids) is not supported on Idefics3 "
@@ -335,18 +303,15 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
             mi = _idefics3_merge_call(self, cfg, kwargs, left=not right)
         if not sum(mi.tokens_before):   # only padding images: nothing to merge
             _inner_codes(self, cfg, kwargs)
-            return call(*args, **kwargs)
+            return
         for k in _IDEFICS3_VISUAL_KWARGS + ("input_ids", "position_ids"):
             kwargs.pop(k, None)
         mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mask)
         _inner_codes(self, cfg, kwargs, mi)
         record_call(self, getattr(self, STATS_ATTR), mi, match)
-        return call(*args, **kwargs)
 
-    shadow_method(model, "generate", generate,
-                  "HoliTom-merging ``generate`` (vopt pass 'holitom', Idefics3): returns only the new tokens when it "
-                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    shadow_generate(model, "Idefics3", rewrite)
 
 
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:

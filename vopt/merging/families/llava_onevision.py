@@ -75,7 +75,6 @@ padding (or batch 1) for generation.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional
@@ -85,8 +84,8 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, left_padded, original_positions,
-                     pad_token_id, received_attention, record_call, restore_logits, shadow_method)
+from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, left_padded, pad_token_id,
+                     received_attention, record_call, shadow_forward, shadow_generate)
 from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
@@ -247,20 +246,14 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
     ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>)`` (spec §3 Option A). transformers 5.x's own
     ``generate`` never reaches the ``forward`` wrapper with ``pixel_values_videos`` (it precomputes
     ``mm_encoder_outputs``), so without this it would run unmerged."""
-    previous = vars(model).get("generate")
-    cls_generate = type(model).generate
-
-    def generate(self, *args, **kwargs):
-        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-            kwargs["input_ids"], args = args[0], args[1:]
+    def rewrite(self, kwargs):
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
-        call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
         if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
             # the codes go to every forward of the generation
             kwargs.setdefault(TOKENS_KWARG, token_codes(ids, kwargs.get("attention_mask"), self.config.video_token_id))
         if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None):
-            return call(*args, **kwargs)
+            return
         if cfg.positions != "compact":
             raise NotImplementedError(
                 "holitom: generate() with positions='original' (gapped position ids) is not supported (spec §3 R4); "
@@ -275,21 +268,13 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         if cfg.inner_layer is not None:
             kwargs[TOKENS_KWARG] = token_codes(mi.input_ids, mi.attention_mask, self.config.video_token_id)
         record_call(self, getattr(self, STATS_ATTR), mi, match)
-        return call(*args, **kwargs)
 
-    shadow_method(model, "generate", generate,
-                  "HoliTom-merging ``generate`` (vopt pass 'holitom'): returns only the new tokens when it "
-                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    shadow_generate(model, "LLaVA-OneVision", rewrite)
 
 
 def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``forward`` on this instance (module docstring)."""
-    cls_forward = type(model).forward
-    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
-
-    def forward(self, *args, **kwargs):
-        for name, value in zip(names, args):
-            kwargs[name] = value
+    def forward(self, cls_forward, kwargs):
         stats = getattr(self, STATS_ATTR)
         ids, pv = kwargs.get("input_ids"), kwargs.get("pixel_values_videos")
         if cfg.inner_layer is not None and isinstance(ids, torch.Tensor):
@@ -307,22 +292,9 @@ def _wrap_forward(model, cfg: HoliTomPassConfig, match: Match) -> None:
         kwargs.update(input_ids=None, inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
         if cfg.inner_layer is not None:
             kwargs[TOKENS_KWARG] = token_codes(mi.input_ids, mi.attention_mask, self.config.video_token_id)
-        if mi.labels is not None:
-            kwargs["labels"] = mi.labels
-        if cfg.positions == "original":
-            kwargs["position_ids"] = original_positions(mi, kwargs.get("position_ids"), ids.shape)
-        elif mi.shortened:
-            kwargs["position_ids"] = None
-        out = cls_forward(self, **kwargs)
-        record_call(self, stats, mi, match)
-        restore_logits(out, cfg, ids, mi.index, mi.attention_mask, kwargs.get("logits_to_keep", 0))
-        out.holitom = HoliTomCallInfo(mi.input_ids, mi.attention_mask, mi.index, mi.tokens_before,
-                                      mi.tokens_after, mi.merges)
-        return out
+        return forward_merged(self, cls_forward, cfg, kwargs, mi, ids, match, stats)
 
-    shadow_method(model, "forward", forward,
-                  f"HoliTom-merging ``forward`` (vopt pass 'holitom').\n\n{cls_forward.__doc__ or ''}",
-                  forward_signature(cls_forward, cfg))
+    shadow_forward(model, "LLaVA-OneVision", forward_signature(type(model).forward, cfg), forward)
 
 
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:

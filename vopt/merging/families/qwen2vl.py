@@ -56,7 +56,6 @@ image tokens are never merged), Qwen2.5-VL (a different class: skipped), video-l
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional
 
@@ -65,8 +64,8 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, compact_rows, left_padded,
-                     pad_token_id, record_call, restore_logits, right_padded, shadow_method)
+from .common import (STATS_ATTR, TOKENS_KWARG, HoliTomCallInfo, cache_filled, gather_kept, left_padded, record_call,
+                     restore_logits, right_padded, shadow_forward, shadow_generate)
 from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
@@ -295,7 +294,7 @@ def merge_qwen2vl_inputs(model, input_ids: torch.Tensor, config: HoliTomConfig, 
     (object-ID marker text included) and the vision start/end ids are never touched; video placeholders where
     ``protect [B, L]`` is True (e.g. the patches that carry GPT4Scene's object-ID markers) are never merged
     (:func:`_exclude_protected`). The kept tokens are gathered
-    per row (``compact_rows``) with their embeddings, ids, mask, token types and 3-D positions; rows left shorter
+    per row (:func:`~.common.gather_kept`) with their embeddings, ids, mask, token types and 3-D positions; rows left shorter
     are padded on the ``left`` (None: the side the caller padded, right when unpadded)."""
     vid = model.config.video_token_id
     B, L = input_ids.shape
@@ -347,14 +346,8 @@ def merge_qwen2vl_inputs(model, input_ids: torch.Tensor, config: HoliTomConfig, 
         raise ValueError(f"holitom: video_grid_thw describes {len(grids)} videos, the rows hold {v}")
     if left is None:
         left = attention_mask is not None and left_padded(attention_mask)
-    idx = compact_rows(keep, left)
-    fill = idx < 0
-    g = idx.clamp(min=0)
-    pad_id = pad_token_id(model)
-    pad_emb = model.get_input_embeddings()(torch.tensor([pad_id], device=input_ids.device)).to(embeds.dtype)[0]
-    out_emb = torch.where(fill[..., None], pad_emb, new_emb.gather(1, g[..., None].expand(*g.shape, embeds.shape[-1])))
-    out_ids = input_ids.gather(1, g).masked_fill(fill, pad_id)
-    out_mask = mask.gather(1, g).masked_fill(fill, 0)
+    idx, out_emb, out_ids, out_mask = gather_kept(model, keep, left, new_emb, input_ids, mask)
+    fill, g = idx < 0, idx.clamp(min=0)
     out_types = mm_token_type_ids.gather(1, g).masked_fill(fill, 0)
     out_pos = new_pos.gather(2, g[None].expand(3, *g.shape)).masked_fill(fill[None], 0)
     out_labels = None
@@ -437,12 +430,7 @@ def _inner_codes(model, cfg: HoliTomPassConfig, kwargs: dict, mi: Optional[Qwen2
 
 def _wrap_forward_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``forward`` on this Qwen2-VL instance (module docstring, "Qwen2-VL")."""
-    cls_forward = type(model).forward
-    names = [p for p in inspect.signature(cls_forward).parameters if p != "self"]
-
-    def forward(self, *args, **kwargs):
-        for name, value in zip(names, args):
-            kwargs[name] = value
+    def forward(self, cls_forward, kwargs):
         stats = getattr(self, STATS_ATTR)
         if not (cfg.outer and _qwen2vl_mergeable(kwargs)):
             stats.passthrough += 1
@@ -465,25 +453,17 @@ def _wrap_forward_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
                                       mi.merges, mi.position_ids, mi.rope_deltas)
         return out
 
-    shadow_method(model, "forward", forward,
-                  f"HoliTom-merging ``forward`` (vopt pass 'holitom', Qwen2-VL).\n\n{cls_forward.__doc__ or ''}",
-                  forward_signature(cls_forward, cfg))
+    shadow_forward(model, "Qwen2-VL", forward_signature(type(model).forward, cfg), forward)
 
 
 def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
     """Shadow ``generate`` on this Qwen2-VL instance: a call with ``input_ids`` + videos becomes
     ``generate(inputs_embeds=<shortened>, attention_mask=<shortened>, position_ids=<kept 3-D positions>)``;
     transformers extends explicit ``position_ids`` by ``last + 1`` per step (module docstring)."""
-    previous = vars(model).get("generate")
-    cls_generate = type(model).generate
-
-    def generate(self, *args, **kwargs):
-        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-            kwargs["input_ids"], args = args[0], args[1:]
-        call = previous if previous is not None else (lambda *a, **k: cls_generate(self, *a, **k))
+    def rewrite(self, kwargs):
         if not (cfg.outer and _qwen2vl_mergeable(kwargs)):
             _inner_codes(self, cfg, kwargs)
-            return call(*args, **kwargs)
+            return
         right = right_padded(kwargs.get("attention_mask"))
         with torch.no_grad():  # rows left shorter by merging are padded on the left (generation continues at the end)
             mi = _qwen2vl_merge_call(self, cfg, kwargs, left=not right)
@@ -494,11 +474,8 @@ def _wrap_generate_qwen2vl(model, cfg: HoliTomPassConfig, match: Match) -> None:
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mask, position_ids=mi.position_ids)
         self.model.rope_deltas = mi.rope_deltas
         record_call(self, getattr(self, STATS_ATTR), mi, match)
-        return call(*args, **kwargs)
 
-    shadow_method(model, "generate", generate,
-                  "HoliTom-merging ``generate`` (vopt pass 'holitom', Qwen2-VL): returns only the new tokens when it "
-                  f"merged (inputs_embeds generation).\n\n{cls_generate.__doc__ or ''}")
+    shadow_generate(model, "Qwen2-VL", rewrite)
 
 
 def install(model, cfg: HoliTomPassConfig, match: Match) -> None:
