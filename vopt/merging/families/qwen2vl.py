@@ -293,9 +293,9 @@ def merge_qwen2vl_inputs(model, input_ids: torch.Tensor, config: HoliTomConfig, 
     representative's 3-D position (spec R2); its other slots are dropped. Image tokens (GPT4Scene's BEV map), text
     (object-ID marker text included) and the vision start/end ids are never touched; video placeholders where
     ``protect [B, L]`` is True (e.g. the patches that carry GPT4Scene's object-ID markers) are never merged
-    (:func:`_exclude_protected`). The kept tokens are gathered
-    per row (:func:`~.common.gather_kept`) with their embeddings, ids, mask, token types and 3-D positions; rows left shorter
-    are padded on the ``left`` (None: the side the caller padded, right when unpadded)."""
+    (:func:`_exclude_protected`). The kept tokens are gathered per row (:func:`~.common.gather_kept`) with their
+    embeddings, ids, mask, token types and 3-D positions; rows left shorter are padded on the ``left`` (None: the side
+    the caller padded, right when unpadded)."""
     vid = model.config.video_token_id
     B, L = input_ids.shape
     if protect is not None and (not isinstance(protect, torch.Tensor) or tuple(protect.shape) != (B, L)):
