@@ -37,3 +37,18 @@ def test_existing_output_is_not_overwritten(tmp_path):
     out.write_text("{}")
     assert _load().main(["--smoke", "--out", str(out)]) == 2
     assert out.read_text() == "{}"
+
+
+def test_tuned_overrides_apply_per_method_and_retain():
+    import pytest
+
+    bt = _load()
+    tuned = {"holitom": {"tau": 1.0, "positions": "original"}, "holitom@0.1": {"tau": 0.9}, "fastv": {"inner_queries": 4}}
+    cfg = bt.method_config("holitom", 0.25, 4, bt.overrides_for(tuned, "holitom", 0.25))
+    assert cfg.merge.tau == 1.0 and cfg.positions == "original" and cfg.merge.retain_ratio == 0.25
+    assert bt.method_config("holitom", 0.10, 4, bt.overrides_for(tuned, "holitom", 0.10)).merge.tau == 0.9
+    fastv = bt.method_config("fastv", 0.15, 4, bt.overrides_for(tuned, "fastv", 0.15))
+    assert not fastv.outer and fastv.inner_layer == 2 and fastv.inner_keep == 0.15 and fastv.inner_queries == 4
+    assert bt.method_config("pool", 0.1, 4).positions == "compact"          # no overrides: the defaults
+    with pytest.raises(ValueError, match="unknown knob"):
+        bt.method_config("pool", 0.1, 4, {"temperature": 1.0})

@@ -106,3 +106,21 @@ def test_corrupted_attention_is_caught(trained, baseline_qa):
     assert cmp.agreement <= 0.6 and cmp.kl_mean >= 0.5, cmp.table()
     # the damage is attributed to the language model, not the vision tower
     assert cmp.stages["model.vision_tower"]["cos"] >= 0.99999
+
+
+def test_tiny64_size_ships_its_own_trained_weights():
+    """``build("llava-onevision", "tiny64")``: 64x64 frames, 16 pooled tokens per frame (129 video tokens at 8
+    frames), weights trained at 64x64 (tools/train_video_qa.py --size tiny64); the default build is unchanged."""
+    entry = zoo.get("llava-onevision")
+    assert entry.sizes == ("tiny", "tiny64", "full") and zoo.get("llama").sizes == ("tiny", "full")
+    zm = zoo.build("llava-onevision", "tiny64")
+    assert zm.model.config.vision_config.image_size == 64 and zm.visual_tokens(8) == 129
+    assert zoo.build("llava-onevision").model.config.vision_config.image_size == 32
+    random = zoo.build("llava-onevision", "tiny64", pretrained=False).model.state_dict()
+    assert any(not torch.equal(v, random[k]) for k, v in zm.model.state_dict().items())
+    inputs = zm.example_inputs(batch=1, frames=8)
+    assert int((inputs["input_ids"] == zm.model.config.video_token_index).sum()) == 129
+    samples = vopt.eval.video_task.make_split("test", 64, seed=0, height=64, width=64)
+    assert vopt.eval.video_qa(zm.model, samples=samples, bootstrap=0).accuracy >= 0.7
+    with pytest.raises(ConfigError, match=r"accepted: \['tiny', 'tiny64', 'full'\]"):
+        zoo.build("llava-onevision", "huge")

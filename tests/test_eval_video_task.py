@@ -202,3 +202,32 @@ def test_grounding_metrics_reuse_charades_metrics(grounding):
     assert perfect == {"R@1,IoU=0.3": 1.0, "R@1,IoU=0.5": 1.0, "R@1,IoU=0.7": 1.0, "mIoU": 1.0}
     whole = vt.grounding_metrics([(0.0, g.video.shape[0] / g.fps) for g in grounding], grounding)
     assert whole["mIoU"] < 0.8 and whole["R@1,IoU=0.7"] < 1.0
+
+
+def test_64x64_clips_keep_pixel_scale_lanes_and_answers():
+    """The tiny64 model's clips: the same task at H=W=64. Shapes keep their 5-8 px size and 2-3 px/frame motion (a
+    quarter of a 16-px pooled token per step at either size), the three lanes span the taller frame, the answers
+    still follow from the pixels, and most 16x16 pooled cells are background (the redundancy token merging needs)."""
+    samples = vt.make_split("val", 80, seed=0, height=64, width=64)
+    rows_hit = np.zeros(64, dtype=bool)
+    for s in samples:
+        assert s.video.shape == (8, 3, 64, 64) and s.video.dtype == torch.float32
+        assert oracle(s) == s.answer, (s.question_type.value, s.answer, oracle(s))
+        masks = colour_masks(s.video)
+        rows_hit |= s.video.sum(dim=(0, 1, 3)).numpy() > 0
+        if s.question_type is Q.MOVED_LEFT:
+            assert set(s.meta["velocities"].values()) <= {-3, -2, 0, 2, 3}
+        if s.question_type in (Q.MOVED_LEFT, Q.APPEARED_FIRST):       # distinct colours: one shape per colour
+            for m in masks.values():
+                for t in range(8):
+                    if m[t].any():
+                        assert 5 <= np.ptp(np.nonzero(m[t].any(axis=1))[0]) + 1 <= 8
+    lane = 64 // 3
+    assert all(rows_hit[k * lane:(k + 1) * lane].any() for k in range(3)) and not rows_hit[3 * lane:].any()
+    cells = torch.stack([s.video for s in samples]).sum(dim=2).reshape(-1, 4, 16, 4, 16).amax(dim=(2, 4))
+    assert (cells > 0).float().mean() < 0.3
+    g = vt.make_grounding_split("val", 8, seed=0, height=64, width=64)
+    assert all(x.video.shape == (8, 3, 64, 64) and max(x.frames) < 8 for x in g)
+    inputs = vt.to_model_inputs(samples[:2])
+    assert vt.video_token_count(8, 64, 8) == 8 * 16 + 1
+    assert ((inputs["input_ids"] == 501).sum(dim=1) == 8 * 16 + 1).all()

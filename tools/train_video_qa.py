@@ -10,6 +10,9 @@ non-associativity across machines: same seed, same data, same schedule. The mode
 cross-entropy on the answer tokens only (one for a QA answer, two -- start and end frame -- for grounding), with
 teacher forcing. The held-out accuracy is measured at the end with :func:`vopt.eval.video_qa` on the "test" split
 and written next to the weights (``.json``).
+
+``--size tiny64`` trains ``vopt.zoo.build("llava-onevision", "tiny64")`` (64x64 frames, 16 tokens per frame) on
+64x64 clips of the same task: ``vopt/zoo/weights/llava-onevision-tiny64.safetensors``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="where to write the .safetensors (a .json with metrics goes beside it)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--size", default="tiny", help="zoo size of llava-onevision: tiny (32x32 frames) or tiny64 (64x64)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data and the batch order")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=64, help="examples per step")
@@ -87,13 +91,14 @@ def main(argv=None) -> int:
     from vopt import eval as veval, zoo
 
     torch.manual_seed(args.seed)
-    zm = zoo.build("llava-onevision", pretrained=False)
+    zm = zoo.build("llava-onevision", args.size, pretrained=False)
     model = zm.model
     vid = model.config.video_token_index
+    side = dict(height=model.config.vision_config.image_size, width=model.config.vision_config.image_size)
     t0 = time.time()
-    train = vt.make_split("train", args.train_qa, seed=args.seed)
-    train += vt.make_grounding_split("train", args.train_grounding, seed=args.seed)
-    val = vt.make_split("val", 512, seed=args.seed)
+    train = vt.make_split("train", args.train_qa, seed=args.seed, **side)
+    train += vt.make_grounding_split("train", args.train_grounding, seed=args.seed, **side)
+    val = vt.make_split("val", 512, seed=args.seed, **side)
     print(f"data: {len(train)} training examples in {time.time() - t0:.0f}s", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -130,14 +135,14 @@ def main(argv=None) -> int:
     import vopt
 
     model.eval()
-    qa = veval.video_qa(model, split="test", n=1000, seed=args.seed)
-    gr = veval.grounding(model, split="test", n=400, seed=args.seed)
+    qa = veval.video_qa(model, samples=vt.make_split("test", 1000, seed=args.seed, **side), seed=args.seed)
+    gr = veval.grounding(model, samples=vt.make_grounding_split("test", 400, seed=args.seed, **side), seed=args.seed)
     print(qa.table())
     print(gr.table())
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, args.out, metadata={"seed": str(args.seed), "steps": str(args.steps)})
     info = {
-        "model": "llava-onevision (tiny)", "task": "vopt.eval.video_task", "args": vars(args),
+        "model": f"llava-onevision ({args.size})", "task": "vopt.eval.video_task", "args": vars(args),
         "train_seconds": round(time.time() - t0, 1), "final_loss": running,
         "versions": {"vopt": vopt.__version__, "torch": torch.__version__},
         "test_video_qa": qa.to_dict(per_sample=False), "test_grounding": gr.to_dict(per_sample=False),

@@ -7,6 +7,11 @@ Horizontal motion wraps around the frame edges (a torus), which keeps every shap
 single frame: no frame on its own tells which shape moves, or which way. :func:`to_model_inputs` applies the SigLIP
 normalisation ``(x - 0.5) / 0.5`` (values in ``[-1, 1]``) unless ``normalize=False``.
 
+Other sizes (``height`` / ``width``) keep the shapes' pixel sizes (5-8 px) and speeds (2-3 px per frame); the three
+lanes grow with the frame. At 64x64 (the ``tiny64`` LLaVA-OneVision: 8x8 patches, 4x4 pooled 16-pixel tokens per
+frame) about 80 % of the pooled cells are black background in every frame: the redundancy of a real video's static
+scene, which token merging exploits; at 32x32 about 40 % are.
+
 Question types (:class:`QuestionType`), each with a 4-word answer vocabulary (uniform chance 1/4):
 
 * ``moved_left``: "which colour moved left ?" -- 2-3 shapes; exactly one moves left, the others move right or stay

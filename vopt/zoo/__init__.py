@@ -103,6 +103,18 @@ class ZooEntry:
     notes: str = ""
     weights: Optional[str] = None
     """Trained tiny weights shipped in ``vopt/zoo/weights/`` (a safetensors file name), or None."""
+    variants: dict = field(default_factory=dict, compare=False)
+    """Extra CPU sizes beyond :data:`SIZES` (e.g. ``"tiny64"``): size name -> its shipped weights file, or None.
+    ``build`` passes the size name on to the entry's ``build``; they build like ``"tiny"`` (CPU, float32)."""
+
+    @property
+    def sizes(self) -> tuple:
+        """Every size ``build`` accepts for this entry: ``"tiny"``, the variants, ``"full"``."""
+        return SIZES[:1] + tuple(self.variants) + SIZES[1:]
+
+    def weights_for(self, size: str) -> Optional[str]:
+        """The shipped weights file of ``size`` (``weights`` for ``"tiny"``, a variant's own), or None."""
+        return self.weights if size == "tiny" else self.variants.get(size)
 
 
 _ENTRIES: dict = {}
@@ -138,7 +150,8 @@ def get(name: str) -> ZooEntry:
 
 def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" = None,
           dtype: Optional[torch.dtype] = None, pretrained: Optional[bool] = None) -> ZooModel:
-    """Build zoo model ``name``: ``size="tiny"`` (CPU) or ``"full"`` (published dims, meta device).
+    """Build zoo model ``name``: ``size="tiny"`` (CPU) or ``"full"`` (published dims, meta device), or one of the
+    entry's extra CPU sizes (``ZooEntry.variants``, e.g. ``"tiny64"`` of ``"llava-onevision"``: 64x64 frames).
 
     Tiny models whose entry ships trained weights (``ZooEntry.weights``; today the default model, trained on
     :mod:`vopt.eval.video_task` by ``tools/train_video_qa.py``) load them unless ``pretrained=False``; the others
@@ -146,14 +159,15 @@ def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" 
     ``size="full"``, is an error.
     """
     entry = get(name)
-    if size not in SIZES:
-        raise ConfigError(f"size={size!r} is invalid; accepted: {builtins.list(SIZES)}")
-    if pretrained and (size != "tiny" or entry.weights is None):
+    if size not in entry.sizes:
+        raise ConfigError(f"size={size!r} is invalid; accepted: {builtins.list(entry.sizes)}")
+    weights = None if size == "full" else entry.weights_for(size)
+    if pretrained and weights is None:
         shipped = [e.name for e in list() if e.weights]
         raise ConfigError(f"pretrained=True: zoo model {name!r} (size={size!r}) has no trained weights; "
                           f"trained tiny weights ship for {shipped}")
     if pretrained is None:
-        pretrained = size == "tiny" and entry.weights is not None
+        pretrained = weights is not None
     if device is None:
         device = "meta" if size == "full" else "cpu"
     dtype = dtype or (torch.bfloat16 if size == "full" else torch.float32)
@@ -161,16 +175,16 @@ def build(name: str, size: str = "tiny", *, device: "str | torch.device | None" 
         torch.manual_seed(0)  # random tiny weights are reproducible across builds; the caller's RNG is untouched
         zm = entry.build(size, torch.device(device), dtype)
     if pretrained:
-        load_weights(zm.model, weights_path(entry))
+        load_weights(zm.model, weights_path(entry, size))
     zm.model.eval()
     return zm
 
 
-def weights_path(entry: ZooEntry) -> str:
-    """The file of ``entry``'s shipped tiny weights."""
+def weights_path(entry: ZooEntry, size: str = "tiny") -> str:
+    """The file of ``entry``'s shipped weights of ``size`` (default: the tiny ones)."""
     import os
 
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", entry.weights)
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", entry.weights_for(size))
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:

@@ -6,6 +6,10 @@ weights ``tools/train_video_qa.py`` trained on :mod:`vopt.eval.video_task`
 (``vopt/zoo/weights/``; ``pretrained=False`` gives seeded random weights). Full: LLaVA-OV-7B
 (SigLIP-SO400M minus its last layer, 729 patches -> 196 tokens per frame;
 Qwen2-7B: 28 layers, 3584 wide, 28 heads / 4 KV, MLP 18944, vocab 152064).
+
+Tiny64 (``build("llava-onevision", "tiny64")``): the tiny model with image size 64 (8x8 patches, 4x4 = 16 pooled
+tokens per frame, 129 video tokens at 8 frames), trained the same way on 64x64 clips
+(``tools/train_video_qa.py --size tiny64``): most of its tokens are black background, as in real videos.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import torch
 from . import LLMDims, StageCall, ZooEntry, ZooModel, register
 from ._inputs import PROMPT_TEXT_TOKENS, check_positive, prompt_ids
 
-DEFAULT_FRAMES = {"tiny": 4, "full": 32}
+DEFAULT_FRAMES = {"tiny": 4, "tiny64": 4, "full": 32}
 
 TINY_TEXT = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024)
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 TINY_IDS = dict(image_token_index=500, video_token_index=501)
+TINY64_VISION = dict(TINY_VISION, image_size=64)
 
 FULL_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -32,7 +37,8 @@ FULL_IDS = dict(image_token_index=151646, video_token_index=151647)
 def config(size: str):
     import transformers as T
 
-    text, vision, ids = (TINY_TEXT, TINY_VISION, TINY_IDS) if size == "tiny" else (FULL_TEXT, FULL_VISION, FULL_IDS)
+    text, vision, ids = {"tiny": (TINY_TEXT, TINY_VISION, TINY_IDS), "tiny64": (TINY_TEXT, TINY64_VISION, TINY_IDS)}.get(
+        size, (FULL_TEXT, FULL_VISION, FULL_IDS))
     side = vision["image_size"]
     return T.LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **text),
@@ -92,5 +98,7 @@ register(ZooEntry(
     passes=("canonicalize_attention", "sdpa", "sageattention2", "vidkv", "holitom"),
     build=build,
     weights="llava-onevision-tiny.safetensors",
-    notes="tiny: trained on vopt.eval.video_task (tools/train_video_qa.py); pretrained=False for random weights",
+    variants={"tiny64": "llava-onevision-tiny64.safetensors"},
+    notes="tiny: trained on vopt.eval.video_task (tools/train_video_qa.py); pretrained=False for random weights; "
+          "tiny64: the same at 64x64 frames (16 tokens per frame)",
 ))
