@@ -166,9 +166,19 @@ def test_generate_returns_new_tokens_like_manual_greedy_decoding(zm):
                 cache = step.cache
                 toks.append(step.logits[:, -1].argmax(-1, keepdim=True))
             assert torch.equal(gen[b], torch.cat(toks, 1)[0]), b
+    # positions='original': the same continuation at the full prompt's positions L, L+1, ... (1-D, gapped prompt)
     orig = _opt(zm.model, 0.25, positions="original").module
-    with pytest.raises(NotImplementedError, match="positions='original'"):
-        orig.generate(**r0, max_new_tokens=1)
+    L = r0["input_ids"].shape[1]
+    with torch.no_grad():
+        gen = orig.generate(**r0, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        out = orig(**r0, use_cache=True)
+        logits, cache = [out.logits[:, L - 1]], out.cache
+        for i in range(2):
+            tok = logits[-1].argmax(-1, keepdim=True)
+            step = orig(input_ids=tok, cache=cache, position_ids=torch.tensor([[L + i]]), use_cache=True)
+            logits.append(step.logits[:, -1])
+    for got, want in zip(gen.logits, logits):   # fp32, same kernels on the same shapes: 1e-5
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_original_positions_are_the_representatives_slots(zm):

@@ -267,8 +267,32 @@ def test_generate_merges_via_inputs_embeds(base):
     assert stats.paper_flops_before == pytest.approx(stats.videos * text.num_hidden_layers * per_layer(n0))
     assert 0 < stats.paper_flops_fraction <= stats.kept_fraction
     assert int(gen[0, 0]) == int(first)  # the first generated token is the merged forward's greedy answer
-    with pytest.raises(NotImplementedError, match="positions='original'"):
-        _opt(base, 0.5, positions="original").generate(**inputs, max_new_tokens=2)
+
+
+def test_generate_with_original_positions_continues_after_the_prompts_last_position(base):
+    """positions='original' in generate: retain 1.0 is the unmodified generation (left-padded batch: HF's own
+    padding-aware positions); merged, each step equals the merged forward + cached decode steps at positions
+    L, L+1, ... of the *full* prompt (not of the shortened one)."""
+    batch = _left_pad(_inputs(base, n=3))
+    with torch.no_grad():
+        ref = base.generate(**batch, max_new_tokens=3, do_sample=False)[:, -3:]
+        ident = _opt(base, 1.0, positions="original").generate(**batch, max_new_tokens=3, do_sample=False)
+    assert torch.equal(ident, ref)
+    inputs = _inputs(base, n=1, seed=4)
+    L = inputs["input_ids"].shape[1]
+    opt = _opt(base, 0.25, positions="original")
+    with torch.no_grad():
+        gen = opt.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                           output_logits=True)
+        out = opt(**inputs, use_cache=True)
+        logits, cache = [out.logits[:, L - 1]], out.cache
+        for i in range(2):
+            tok = logits[-1].argmax(-1, keepdim=True)
+            step = opt(input_ids=tok, cache=cache, position_ids=torch.tensor([[L + i]]), use_cache=True)
+            logits.append(step.logits[:, -1])
+    assert getattr(opt.module, STATS_ATTR).tokens_after < getattr(opt.module, STATS_ATTR).tokens_before
+    for got, want in zip(gen.logits, logits):   # fp32, same kernels on the same shapes: 1e-5
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 # ---- inner-LLM merging (spec §2) -----------------------------------------------------------------------------------

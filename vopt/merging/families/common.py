@@ -129,6 +129,18 @@ def original_positions(mi, position_ids: Optional[torch.Tensor], shape) -> torch
     return pos
 
 
+def generate_positions(mi, ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """``positions='original'`` in ``generate``: :func:`original_positions` under the positions ``generate`` gives
+    the unmodified model (the caller's ``position_ids``, else ``attention_mask.cumsum - 1``: padding-aware).
+    ``generate`` extends explicit positions by ``last + 1`` per step, so decoding continues right after the prompt's
+    last original position, as unmerged (the prompt ends with text; rows are left-padded for generation)."""
+    if position_ids is None:
+        m = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        position_ids = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 0)
+    return original_positions(mi, position_ids, ids.shape)
+
+
 def cache_filled(cache) -> bool:
     if cache is None:
         return False

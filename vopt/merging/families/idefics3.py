@@ -30,11 +30,12 @@ sampled frame is one image without splitting, ``<fake_token_around_image> [<glob
     ``pixel_attention_mask``; positions **compact** (``position_ids=None``: Llama numbers the shortened sequence, as
     the LLaVA-OV path's default; decode steps through ``forward`` with the returned cache continue at ``L'``).
     ``positions='original'`` passes gapped 1-D ``position_ids`` (text its own, a merged token its representative's
-    placeholder slot), forward only.
+    placeholder slot), in ``forward`` and ``generate``.
 
 Logits: ``'original'`` / ``'compact'`` as above; ``out.holitom`` as above. ``generate`` is shadowed:
 ``generate(inputs_embeds=<shortened>, attention_mask)``, **only the new tokens** returned; ``positions='original'``
-raises there. Tested (``tests/test_holitom_idefics3.py``): retain 1.0 bit-identical logits, features equal
+adds the gapped ``position_ids`` (:func:`~.common.generate_positions`; decoding continues at the full prompt's
+length). Tested (``tests/test_holitom_idefics3.py``): retain 1.0 bit-identical logits, features equal
 ``get_image_features`` and scores equal the last layer's received attention, wrappers/text kept in order and each
 merged token inside its representative frame's wrapper pair, padded batches (left/right; rows with 8 and 4 frames,
 padding images) equal rows alone, a ragged unpadded batch (static frames) equals rows alone in forward and generate,
@@ -50,8 +51,7 @@ cached decode step, left-padded ``generate``; padded outer + inner batches equal
 
 **Not supported on Idefics3**: images that are split into tiles
 (``do_image_splitting=True``: each tile's ``n``-block would be taken as a frame; T2Vid does not split), several
-videos or images mixed with a video in one row (all of a row's images are one video), ``positions='original'`` in
-``generate``.
+videos or images mixed with a video in one row (all of a row's images are one video).
 """
 from __future__ import annotations
 
@@ -63,8 +63,8 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, gather_kept, left_padded,
-                     received_attention, record_call, right_padded, shadow_forward, shadow_generate)
+from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, gather_kept, generate_positions,
+                     left_padded, received_attention, record_call, right_padded, shadow_forward, shadow_generate)
 from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
@@ -294,17 +294,16 @@ def _wrap_generate_idefics3(model, cfg: HoliTomPassConfig, match: Match) -> None
         if not _merges(cfg, kwargs):
             _inner_codes(self, cfg, kwargs)
             return
-        if cfg.positions != "compact":
-            raise NotImplementedError(
-                "holitom: generate() with positions='original' (gapped position ids) is not supported on Idefics3 "
-                "(spec §3 R4); use HoliTomPassConfig(positions='compact') for generation")
         right = right_padded(kwargs.get("attention_mask"))
         with torch.no_grad():
             mi = _idefics3_merge_call(self, cfg, kwargs, left=not right)
         if not sum(mi.tokens_before):   # only padding images: nothing to merge
             _inner_codes(self, cfg, kwargs)
             return
-        for k in _IDEFICS3_VISUAL_KWARGS + ("input_ids", "position_ids"):
+        pos = kwargs.pop("position_ids", None)
+        if cfg.positions == "original":
+            kwargs["position_ids"] = generate_positions(mi, kwargs["input_ids"], kwargs.get("attention_mask"), pos)
+        for k in _IDEFICS3_VISUAL_KWARGS + ("input_ids",):
             kwargs.pop(k, None)
         mask = mi.attention_mask if mi.attention_mask is not None else torch.ones_like(mi.input_ids)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mask)

@@ -33,8 +33,10 @@ placeholder slot ``s + frame*n + spatial``, a temporally merged static token the
 the block's last slot), taken from the caller's ``position_ids`` or ``arange(L)``; ``cache_position`` stays physical
 (R3), so causality is by physical order. With pure selection (no temporal merge, ``dominant_ratio`` = 0) this equals the
 unmodified model with the dropped placeholders masked out of ``attention_mask`` (tested). On the trained tiny model it
-is markedly more faithful than compact positions (the report's table); ``generate`` continuation with gapped ids is
-not handled (R4).
+is markedly more faithful than compact positions (the report's table). In ``generate`` (R4) the gapped ids are
+passed as explicit ``position_ids`` (:func:`~.common.generate_positions`: under HF's own padding-aware positions),
+which ``generate`` extends by ``last + 1``: decoding continues right after the full prompt's last position (tested
+against the merged forward + cached decode steps at ``L, L+1, ...``).
 
 Logits layout (``logits`` option):
 
@@ -69,7 +71,7 @@ agreement 0.879 / delta -0.059 vs the proxy's 0.836 / -0.098; at retain 0.5 the 
 unchanged, as it does decode steps with a filled cache). ``generate`` is therefore shadowed too (same instance-only
 mechanism): a call with ``input_ids`` + ``pixel_values_videos`` becomes ``generate(inputs_embeds=<shortened>,
 attention_mask=<shortened>, ...)`` (spec §3 Option A; compact positions, physical ``cache_position``), which returns
-**only the new tokens**. ``positions='original'`` raises there (gapped ids + generate, spec R4, not handled). A
+**only the new tokens**. ``positions='original'`` passes the gapped ``position_ids`` too (above). A
 right-padded batch generates after its padding, exactly as the unmodified model does with right padding: use left
 padding (or batch 1) for generation.
 """
@@ -84,8 +86,8 @@ import torch
 from ...pass_protocol import Match
 from ..config import HoliTomConfig
 from ..holitom import MergeResult, holitom_merge
-from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, left_padded, pad_token_id,
-                     received_attention, record_call, shadow_forward, shadow_generate)
+from .common import (STATS_ATTR, TOKENS_KWARG, cache_filled, forward_merged, generate_positions, left_padded,
+                     pad_token_id, received_attention, record_call, shadow_forward, shadow_generate)
 from .inner_llm import forward_signature, token_codes
 
 if TYPE_CHECKING:  # annotations only (the pass module imports this one)
@@ -254,15 +256,14 @@ def _wrap_generate(model, cfg: HoliTomPassConfig, match: Match) -> None:
         if (not cfg.outer or pv is None or not isinstance(ids, torch.Tensor) or kwargs.get("inputs_embeds") is not None
                 or kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None):
             return
-        if cfg.positions != "compact":
-            raise NotImplementedError(
-                "holitom: generate() with positions='original' (gapped position ids) is not supported (spec §3 R4); "
-                "use HoliTomPassConfig(positions='compact') for generation")
         with torch.no_grad():
             mi = merge_video_inputs(self, ids, pv, cfg.merge, kwargs.get("attention_mask"), None,
                                     kwargs.get("vision_feature_layer"), kwargs.get("vision_feature_select_strategy"),
                                     cfg.scores)
-        for k in ("input_ids", "pixel_values_videos", "image_sizes_videos", "position_ids"):
+        pos = kwargs.pop("position_ids", None)
+        if cfg.positions == "original":
+            kwargs["position_ids"] = generate_positions(mi, ids, kwargs.get("attention_mask"), pos)
+        for k in ("input_ids", "pixel_values_videos", "image_sizes_videos"):
             kwargs.pop(k, None)
         kwargs.update(inputs_embeds=mi.inputs_embeds, attention_mask=mi.attention_mask)
         if cfg.inner_layer is not None:
