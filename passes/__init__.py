@@ -8,7 +8,7 @@ One pattern family per module, each readable top to bottom:
 * :mod:`.sageattention2`: SDPA / ``vopt::attention`` -> ``vopt::sage_attention`` (quantized; opt-in).
 * :mod:`.sageattention2_hf`: HF ``AttentionInterface`` -> ``vopt::sage_attention`` (runtime pass; quantized; opt-in).
 * :mod:`.vidkv`: ``generate()`` with a packed VidKV / KIVI KV cache (runtime pass; quantized; opt-in).
-* :mod:`.holitom`: HoliTom outer- and inner-LLM video-token merging for LLaVA-OneVision, peers (VisionZip, pooling, FastV) as configs (runtime pass; drops tokens; opt-in).
+* :mod:`.holitom`: HoliTom outer- and inner-LLM video-token merging for LLaVA-OneVision, Qwen2-VL, Idefics3 and VideoLLM-online's stream (per-family code in :mod:`vopt.merging.families`), peers (VisionZip, pooling, FastV) as configs (runtime pass; drops tokens; opt-in).
 * :mod:`.moe_dispatch`: mixture-of-experts blocks -> sorted-by-expert dispatch with ``vopt::grouped_gemm`` (runtime pass; opt-in), and ``moe_detect`` reporting dense MoE dispatch left in graphs.
 * :mod:`.vq_lookup`: nearest-code search (codebook distances + argmin) -> ``vopt::vq_argmin`` (exact codes; opt-in).
 """
