@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _holitom_helpers import LMInputs, holitom_opt
+from _holitom_helpers import LMInputs, assert_retain_1_is_identity, holitom_opt, last_real
 import vopt
 from vopt import zoo
 from vopt.optimize import OptimizeConfig
@@ -30,8 +30,6 @@ def zm():
 _opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
-
-
 def _batch(rows: list, side: str) -> dict:
     """Pad single-row inputs (different lengths / frame counts) into one batch: ids pad 0 with mask 0 on ``side``,
     missing frames as all-zero padding images (dropped by value by the model)."""
@@ -49,21 +47,8 @@ def _batch(rows: list, side: str) -> dict:
     return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask), "pixel_values": torch.cat(pv)}
 
 
-def _last_real(mask: torch.Tensor) -> torch.Tensor:
-    return (torch.arange(mask.shape[1])[None] * mask).amax(1)
-
-
 def test_retain_1_is_identical_to_the_unmodified_model(zm):
-    opt = _opt(zm.model, 1.0)
-    (m,) = opt.report.runtime_results[0].matches
-    assert m.rewritten and "Idefics3ForConditionalGeneration" in m.what and "positions=compact" in m.what
-    inputs = zm.example_inputs(batch=2)
-    with torch.no_grad():
-        ref = zm.model(**inputs).logits
-        out = opt(**inputs)
-    assert out.holitom.tokens_after == out.holitom.tokens_before == [32, 32]
-    assert torch.equal(out.logits, ref)
-    assert "forward" not in vars(zm.model) and not hasattr(zm.model, STATS_ATTR)   # the caller's model untouched
+    assert_retain_1_is_identity(zm, ("Idefics3ForConditionalGeneration", "positions=compact"), [32, 32])
 
 
 def test_fewer_tokens_wrappers_and_text_kept_merged_tokens_in_their_frames(zm):
@@ -73,12 +58,8 @@ def test_fewer_tokens_wrappers_and_text_kept_merged_tokens_in_their_frames(zm):
     inputs = zm.example_inputs(batch=2, seed=3)
     ids = inputs["input_ids"]
     L = ids.shape[1]
-    spy = LMInputs(opt.module.model.text_model)
-    try:
-        with torch.no_grad():
-            out = opt(**inputs)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.text_model) as spy, torch.no_grad():
+        out = opt(**inputs)
     info = out.holitom
     call = spy.calls[0]
     embeds = call["inputs_embeds"]
@@ -139,7 +120,7 @@ def test_padded_batch_of_two_equals_each_row_alone(zm, side):
         alone = [opt(**r) for r in (r0, r1)]
     info = out.holitom
     assert info.tokens_before == [32, 16] and info.tokens_after == [8, 4]
-    last = _last_real(batch["attention_mask"])
+    last = last_real(batch["attention_mask"])
     for b, a in enumerate(alone):
         torch.testing.assert_close(out.logits[b, last[b]], a.logits[0, -1], atol=1e-5, rtol=1e-5)
         assert torch.equal(info.input_ids[b, info.attention_mask[b] != 0], a.holitom.input_ids[0])
@@ -186,12 +167,8 @@ def test_original_positions_are_the_representatives_slots(zm):
     opt = _opt(zm.model, 0.25, positions="original")
     inputs = zm.example_inputs(batch=1, seed=2)
     ids = inputs["input_ids"][0]
-    spy = LMInputs(opt.module.model.text_model)
-    try:
-        with torch.no_grad():
-            out = opt(**inputs)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.text_model) as spy, torch.no_grad():
+        out = opt(**inputs)
     pos = spy.calls[0]["position_ids"][0]
     info = out.holitom
     vis = info.input_ids[0] == cfg.image_token_id

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from _holitom_helpers import holitom_opt
+from _holitom_helpers import holitom_opt, last_real
 from vopt import zoo
 from vopt.passes.holitom import STATS_ATTR
 
@@ -44,10 +44,6 @@ def _visual_id(model) -> int:
     """The tokens the inner stage may merge: Qwen2-VL's video placeholders (not the BEV image), Idefics3's frames."""
     cfg = model.config
     return cfg.video_token_id if hasattr(cfg, "video_token_id") else cfg.image_token_id
-
-
-def _last_real(mask: torch.Tensor) -> torch.Tensor:
-    return (torch.arange(mask.shape[1])[None] * mask).amax(1)
 
 
 def _pad(inputs: dict, extra: int, side: str) -> dict:
@@ -99,7 +95,7 @@ def _eager_kept(model, inputs: dict, K: int, keep: float) -> torch.Tensor:
     ids = inputs["input_ids"]
     B, L = ids.shape
     mask = inputs.get("attention_mask", torch.ones_like(ids))
-    imp = att[torch.arange(B), :, _last_real(mask), :].mean(1)           # [B, L]
+    imp = att[torch.arange(B), :, last_real(mask), :].mean(1)           # [B, L]
     kept = torch.ones(B, L, dtype=torch.bool)
     for b in range(B):
         vis = ((ids[b] == _visual_id(model)) & (mask[b] != 0)).nonzero().flatten()

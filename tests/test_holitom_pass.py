@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _holitom_helpers import holitom_opt
+from _holitom_helpers import LMInputs, holitom_opt
 import vopt
 import vopt.eval
 from vopt import zoo
@@ -32,23 +32,6 @@ _opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 def _inputs(model, n=4, seed=0, samples=None):
     samples = scoring.qa_samples("test", n, seed, 8, samples)
     return scoring.model_inputs(model, samples)
-
-
-class _LMSpy:
-    """Forward pre-hook on the working copy's language model: what the LM actually receives."""
-
-    def __init__(self, opt):
-        self.lengths, self.real = [], []
-        lm = opt.module.model.language_model
-        self.handle = lm.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        self.lengths.append(kwargs["inputs_embeds"].shape[1])
-        mask = kwargs.get("attention_mask")
-        self.real.append(mask.sum(1).tolist())
-
-    def close(self):
-        self.handle.remove()
 
 
 def test_registered_opt_in_runtime():
@@ -113,18 +96,15 @@ def test_non_llava_skipped_with_reason():
 def test_trained_model_fidelity_and_reduction(base, retain, positions):
     samples = scoring.qa_samples("test", 64, 0, 8, None)
     opt = _opt(base, retain, positions=positions)
-    spy = _LMSpy(opt)
-    try:
+    with LMInputs(opt.module.model.language_model) as spy:
         cmp = vopt.eval.compare(base, opt, samples=samples, stages=False)
         cmp2 = vopt.eval.compare(base, opt, samples=samples, stages=False)
-    finally:
-        spy.close()
     stats = getattr(opt.module, STATS_ATTR)
     full_len = scoring.model_inputs(base, samples)["input_ids"].shape[1]
     full_real = scoring.model_inputs(base, samples)["attention_mask"].sum(1)
     # what the LM saw: shorter sequences, and per row exactly the merged count of video tokens fewer
-    assert spy.lengths[0] < full_len
-    removed = (full_real - torch.tensor(spy.real[0])).sum().item()
+    assert spy.calls[0]["inputs_embeds"].shape[1] < full_len
+    removed = (full_real - spy.calls[0]["attention_mask"].sum(1)).sum().item()
     assert removed == stats.tokens_before // 2 - stats.tokens_after // 2 > 0  # two identical compare runs
     kept = stats.tokens_after / stats.tokens_before
     kept_tokens, all_tokens = stats.tokens_after // 2, stats.tokens_before // 2
@@ -203,16 +183,8 @@ def test_original_positions_equal_masking_the_dropped_tokens(base, side):
     inputs = _inputs(base, n=6)
     if side == "left":
         inputs = _left_pad(inputs)
-    spy = _LMSpy(opt)
-    pos_seen = []
-    h = opt.module.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: pos_seen.append(k.get("position_ids")), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            out = opt(**inputs)
-    finally:
-        spy.close()
-        h.remove()
+    with LMInputs(opt.module.model.language_model) as spy, torch.no_grad():
+        out = opt(**inputs)
     # rows where merging is a pure selection (fp cosines of identical frames can exceed 1 = tau: those rows still merge)
     pure = [b for b, mr in enumerate(out.holitom.merges) if bool((mr.counts == 1).all())]
     assert len(pure) >= 2
@@ -228,8 +200,8 @@ def test_original_positions_equal_masking_the_dropped_tokens(base, side):
     rows = torch.tensor(pure)
     torch.testing.assert_close(out.logits[rows, pos[rows]], ref[rows, pos[rows]], atol=1e-4, rtol=1e-4)
     # the LM saw gapped position ids: text keeps its own, kept video tokens their representatives' slots
-    p = pos_seen[0]
-    assert p is not None and p.shape[1] == spy.lengths[0] < inputs["input_ids"].shape[1]
+    p = spy.calls[0]["position_ids"]
+    assert p is not None and p.shape[1] == spy.calls[0]["inputs_embeds"].shape[1] < inputs["input_ids"].shape[1]
     for b, sl in enumerate(slots):
         if side == "left":
             continue  # the added left padding shifts the rows; the logits check above covers them
@@ -262,7 +234,7 @@ def test_generate_merges_via_inputs_embeds(base):
     assert stats.calls == 2 and stats.tokens_after < stats.tokens_before
     # Paper-formula FLOPs (per video, 4 n d^2 + 2 n^2 d + 2 n d m per layer) shrink at least as fast as the tokens.
     text = base.config.get_text_config()
-    n0, n1 = stats.tokens_before // stats.videos, stats.tokens_after // stats.videos
+    n0 = stats.tokens_before // stats.videos
     per_layer = lambda n: 4 * n * text.hidden_size ** 2 + 2 * n * n * text.hidden_size + 2 * n * text.hidden_size * text.intermediate_size
     assert stats.paper_flops_before == pytest.approx(stats.videos * text.num_hidden_layers * per_layer(n0))
     assert 0 < stats.paper_flops_fraction <= stats.kept_fraction

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _holitom_helpers import LMInputs, holitom_opt
+from _holitom_helpers import LMInputs, assert_retain_1_is_identity, holitom_opt, last_real
 import vopt
 from vopt import zoo
 from vopt.merging import HoliTomConfig
@@ -27,8 +27,6 @@ def zm():
 _opt = holitom_opt  # retain ratio first, then HoliTomPassConfig fields
 
 
-
-
 def _batch(rows: list, side: str) -> dict:
     """Pad single-row example inputs (possibly of different lengths) into one batch (pad id 0, type 0, mask 0)."""
     L = max(r["input_ids"].shape[1] for r in rows)
@@ -46,23 +44,8 @@ def _batch(rows: list, side: str) -> dict:
     return out
 
 
-def _last_real(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token (left or right padding)."""
-    L = mask.shape[1]
-    return (torch.arange(L)[None] * mask).amax(1)
-
-
 def test_retain_1_is_identical_to_the_unmodified_model(zm):
-    opt = _opt(zm.model, 1.0)
-    (m,) = opt.report.runtime_results[0].matches
-    assert m.rewritten and "Qwen2VLForConditionalGeneration" in m.what and "M-RoPE" in m.what
-    inputs = zm.example_inputs(batch=2)
-    with torch.no_grad():
-        ref = zm.model(**inputs).logits
-        out = opt(**inputs)
-    assert out.holitom.tokens_after == out.holitom.tokens_before == [48, 48]
-    assert torch.equal(out.logits, ref)
-    assert "forward" not in vars(zm.model) and not hasattr(zm.model, STATS_ATTR)   # the caller's model untouched
+    assert_retain_1_is_identity(zm, ("Qwen2VLForConditionalGeneration", "M-RoPE"), [48, 48])
 
 
 def test_kept_positions_are_the_models_own_3d_positions(zm):
@@ -74,12 +57,8 @@ def test_kept_positions_are_the_models_own_3d_positions(zm):
     ref, ref_delta = zm.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                                    image_grid_thw=inputs["image_grid_thw"],
                                                    video_grid_thw=inputs["video_grid_thw"])
-    spy = LMInputs(opt.module.model.language_model)
-    try:
-        with torch.no_grad():
-            out = opt(**inputs)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.language_model) as spy, torch.no_grad():
+        out = opt(**inputs)
     info = out.holitom
     pos = info.position_ids
     assert torch.equal(spy.calls[0]["position_ids"], pos)                 # what the LM received
@@ -106,14 +85,10 @@ def test_decode_step_continues_at_max_kept_plus_1(zm):
     opt = _opt(zm.model, 0.25)
     model = opt.module
     inputs = zm.example_inputs(batch=1, seed=3)
-    spy = LMInputs(model.model.language_model)
-    try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            step = model(input_ids=nxt, cache=out.cache, use_cache=True)
-    finally:
-        spy.close()
+    with LMInputs(model.model.language_model) as spy, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, cache=out.cache, use_cache=True)
     pre, dec = spy.calls
     pos = pre["position_ids"]
     max_kept = int(pos.max())
@@ -139,7 +114,7 @@ def test_padded_batch_of_two_equals_each_row_alone(zm, side):
         alone = [opt(**r) for r in (r0, r1)]
     info = out.holitom
     assert info.tokens_before == [48, 24] and info.tokens_after == [12, 6]
-    last = _last_real(batch["attention_mask"])
+    last = last_real(batch["attention_mask"])
     for b, a in enumerate(alone):
         torch.testing.assert_close(out.logits[b, last[b]], a.logits[0, -1], atol=1e-5, rtol=1e-5)
         # the row's kept positions and rope delta equal the single row's
@@ -156,12 +131,8 @@ def test_bev_image_and_text_tokens_are_never_merged(zm):
     opt = _opt(zm.model, 0.1)
     inputs = zm.example_inputs(batch=2, seed=5)
     ids = inputs["input_ids"]
-    spy = LMInputs(opt.module.model.language_model)
-    try:
-        with torch.no_grad():
-            out = opt(**inputs)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.language_model) as spy, torch.no_grad():
+        out = opt(**inputs)
     info = out.holitom
     embeds = spy.calls[0]["inputs_embeds"]
     with torch.no_grad():
@@ -184,12 +155,8 @@ def test_fewer_tokens_reach_the_llm_at_retain_025(zm):
     opt = _opt(zm.model, 0.25)
     inputs = zm.example_inputs(batch=2, seed=7)
     L = inputs["input_ids"].shape[1]
-    spy = LMInputs(opt.module.model.language_model)
-    try:
-        with torch.no_grad():
-            opt(**inputs)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.language_model) as spy, torch.no_grad():
+        opt(**inputs)
     seen = spy.calls[0]["inputs_embeds"].shape[1]
     stats = getattr(opt.module, STATS_ATTR)
     print(f"\nQwen2-VL tiny GPT4Scene, retain 0.25: LLM sequence {L} -> {seen} tokens per row; video tokens "
@@ -293,14 +260,10 @@ def test_protected_marker_tokens_are_never_merged(zm):
     ref, _ = zm.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                            image_grid_thw=inputs["image_grid_thw"],
                                            video_grid_thw=inputs["video_grid_thw"])
-    spy = LMInputs(opt.module.model.language_model)
-    try:
-        with torch.no_grad():
-            plain = opt(**inputs)
-            out = opt(**inputs, **{PROTECT_KWARG: protect})
-            gen = opt.generate(**inputs, **{PROTECT_KWARG: protect}, max_new_tokens=2, do_sample=False)
-    finally:
-        spy.close()
+    with LMInputs(opt.module.model.language_model) as spy, torch.no_grad():
+        plain = opt(**inputs)
+        out = opt(**inputs, **{PROTECT_KWARG: protect})
+        gen = opt.generate(**inputs, **{PROTECT_KWARG: protect}, max_new_tokens=2, do_sample=False)
     with torch.no_grad():
         feats = torch.cat(zm.model.model.get_video_features(inputs["pixel_values_videos"],
                                                             inputs["video_grid_thw"]).pooler_output)

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from _cuda_build import ROOT, build_emulated
+from test_vidkv_decode import _inputs as decode_inputs
 from vopt import cuda_library
 from vopt.kvcache import VidKVConfig, kivi_config, quantize_keys, quantize_values
 from vopt.kvcache.decode_attention import packed_decode_attention
@@ -76,19 +77,6 @@ def _run(so, a, splits):
     return out
 
 
-def _inputs(B=1, Hkv=2, g=2, Lq=1, T=77, W=5, D=64, outliers=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(B, Hkv, T + W, D, generator=gen)
-    if outliers:  # large-range key channels (the anomalous ones) and a large value channel
-        k[..., [3, 17]] *= 20.0
-        k[..., 5] += 10.0
-    v = torch.randn(B, Hkv, T + W, D, generator=gen)
-    if outliers:
-        v[..., 7] *= 15.0
-    q = torch.randn(B, Hkv * g, Lq, D, generator=gen)
-    return q, k[:, :, :T], v[:, :, :T], k[:, :, T:], v[:, :, T:]
-
-
 CASES = {  # name: (config, shape)
     "kivi_gqa_tail_window": (lambda: kivi_config(), dict(Lq=1, g=2, T=77, W=5)),
     "kivi_g8_d40_straddle": (lambda: kivi_config(group_size=8), dict(D=40, T=45, W=3, outliers=True)),
@@ -110,7 +98,7 @@ CASES = {  # name: (config, shape)
 
 def _case(name):
     cfg_fn, shape = CASES[name]
-    q, k, v, wk, wv = _inputs(seed=len(name), **shape)
+    q, k, v, wk, wv = decode_inputs(seed=len(name), **{"B": 1, "Lq": 1, **shape})
     cfg = cfg_fn()
     pk, pv = quantize_keys(k, cfg), quantize_values(v, cfg)
     wk, wv = (wk, wv) if wk.shape[2] else (None, None)

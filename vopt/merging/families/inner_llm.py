@@ -152,10 +152,12 @@ class _InnerState:
         if here == 0 and stored is not None:     # the cache was emptied (reset / a fresh start): forget its map
             del self.caches[cache]
             stored = None
-        if stored is not None and stored.present(past)[0].shape[1] != here:
+        # the entries layers >= K hold before this call: (full positions, valid) of a merged cache, else all of them
+        cols, valid = stored.present(past) if stored is not None else (None, None)
+        if cols is not None and cols.shape[1] != here:
             raise RuntimeError(f"holitom inner merging: layer {layer.self_attn.layer_idx}'s cache holds {here} entries "
-                               f"but {stored.present(past)[0].shape[1]} were expected; the cache was changed outside "
-                               "the model (cropped?), which the merged-away columns cannot follow")
+                               f"but {cols.shape[1]} were expected; the cache was changed outside the model "
+                               "(cropped?), which the merged-away columns cannot follow")
         codes = pending if pending is not None else tokens
         visual = codes is not None and tuple(codes.shape) == (B, L) and bool((codes == 1).any())
         if L > 1 and (here == 0 or pending is not None) and not visual:
@@ -166,7 +168,6 @@ class _InnerState:
                                       f"{type(mask).__name__} (use attn_implementation='sdpa' or 'eager')")
         if not (L > 1 and visual and (here == 0 or pending is not None)):
             if stored is not None:               # later tokens of a merged cache: drop the missing columns
-                cols, valid = stored.present(past)
                 rows = torch.arange(L, device=hidden.device).expand(B, L)
                 m = _layer_mask(mask, rows, torch.cat([cols, past + rows], 1), valid, None, past, L)
                 self.call = _Call({"attention_mask": m})
@@ -182,10 +183,8 @@ class _InnerState:
         k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
         q = rope(q, q, _take(cos, q_pos), _take(sin, q_pos))[0]
         k = rope(k, k, cos, sin)[1]
-        if stored is not None:
-            cols, valid = stored.present(past)
-        else:                                    # nothing merged on this cache yet: every earlier entry is there
-            cols, valid = torch.arange(past, device=hidden.device).expand(B, past), None
+        if cols is None:                         # nothing merged on this cache yet: every earlier entry is there
+            cols = torch.arange(past, device=hidden.device).expand(B, past)
         key_mask, earlier = real, _cached_keys(cache, attn.layer_idx, here)
         if earlier is not None:  # a later chunk (a stream's frame): its last token also attends to the cached entries
             seen = torch.ones(B, here, dtype=torch.bool, device=hidden.device) if valid is None else valid.clone()
